@@ -1,0 +1,108 @@
+"""Shared fixtures: a private Redis server per session (flushed per test) and helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from redis_server import RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of a clean database on the session's private server."""
+    client = redis_server.client()
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer, redis_url: str):
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
+    """Dedicated servers (for restarts and persistence); every one is stopped at the end."""
+    servers: list[RedisServer] = []
+
+    def make(**kwargs: object) -> RedisServer:
+        server = RedisServer(**kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def write_config(tmp_path) -> Callable[..., str]:
+    """Write an INI file with a [workerpool] section (and others) and return its path."""
+
+    def write(settings: dict[str, object] | None = None, **sections: dict[str, object]) -> str:
+        lines = ["[workerpool]"]
+        for key, value in (settings or {}).items():
+            lines.append(f"{key} = {value}")
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {value}" for key, value in values.items()]
+        path = tmp_path / "workerpool.ini"
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    return write
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.02) -> object:
+    """Poll until predicate() is truthy; fail the test with a clear message on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(step)
+
+
+class ProcessReaper:
+    """Remember every pid a test starts and kill the survivors at the end, by pid."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+
+    def add(self, pid: int) -> int:
+        self.pids.add(pid)
+        return pid
+
+    def kill_all(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def reaper() -> Iterator[ProcessReaper]:
+    tracker = ProcessReaper()
+    yield tracker
+    tracker.kill_all()

@@ -1,0 +1,487 @@
+"""Configuration: INI file, WORKERPOOL_* environment, command line; validated once, at start.
+
+Precedence is command line > environment > file > defaults. Every bad value raises
+ConfigError with one line naming where it came from (file and section, or the environment
+variable, or the option), the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import importlib
+import os
+import socket
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+DEFAULT_SEARCH_PATH = ("./workerpool.ini", "/etc/workerpool/workerpool.ini")
+ENV_PREFIX = "WORKERPOOL_"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or invalid (exit code 2)."""
+
+
+# --- value parsers: each takes the raw string and returns the value or raises ValueError
+# with the "what is allowed" half of the message.
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError(f"expected a whole number >= {minimum}") from None
+        if value < minimum:
+            raise ValueError(f"expected a whole number >= {minimum}")
+        return value
+
+    return parse
+
+
+def _float(minimum: float, *, strict: bool = False) -> Callable[[str], float]:
+    allowed = f"expected a number {'>' if strict else '>='} {minimum:g}"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(allowed) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(allowed)
+        if value < minimum or (strict and value == minimum):
+            raise ValueError(allowed)
+        return value
+
+    return parse
+
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected one of yes/no, true/false, on/off, 1/0")
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _nonempty(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("expected a non-empty value")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    return _choice("debug", "info", "warning", "error", "critical")(raw).upper()
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if value == "embedded":
+        return value
+    parts = urlsplit(value)
+    allowed = "expected redis://[user:password@]host[:port][/db], rediss://..., unix:///path"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(allowed)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(allowed)
+        return value
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(allowed + " (bad port)") from None
+    if not parts.hostname:
+        raise ValueError(allowed)
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(allowed + " (db must be a number)")
+    return value
+
+
+def _handler_spec(raw: str) -> str:
+    value = raw.strip()
+    module, sep, function = value.partition(":")
+    if not sep or not module or not function or not all(
+        part.isidentifier() for part in module.split(".") + function.split(".")
+    ):
+        raise ValueError("expected package.module:function")
+    return value
+
+
+def _host_list(raw: str) -> tuple[tuple[str, int], ...]:
+    hosts = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port, host:port, ...")
+        hosts.append((host.strip("[]"), int(port)))
+    return tuple(hosts)
+
+
+def _redis_key(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(ch.isspace() for ch in value):
+        raise ValueError("expected a non-empty key without spaces")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    attr: str = ""
+
+    @property
+    def env_name(self) -> str:
+        prefix = "" if self.section == "workerpool" else self.section.upper() + "_"
+        return ENV_PREFIX + prefix + self.name.upper()
+
+
+def _o(section: str, name: str, parse: Callable[[str], Any], default: Any) -> Option:
+    attr = name if section == "workerpool" else f"{section}_{name}"
+    return Option(section, name, parse, default, attr)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # --- the queue and Redis
+    _o("workerpool", "redis_url", _redis_url, "redis://127.0.0.1:6379/0"),
+    _o("workerpool", "redis_key", _redis_key, "async_tasks"),
+    _o("workerpool", "redis_mode", _choice("standalone", "sentinel", "cluster"), "standalone"),
+    _o("workerpool", "password_file", _str, ""),
+    _o("workerpool", "sentinels", _host_list, ()),
+    _o("workerpool", "sentinel_master", _str, "mymaster"),
+    _o("workerpool", "sentinel_username", _str, ""),
+    _o("workerpool", "sentinel_password", _str, ""),
+    _o("workerpool", "ssl_ca_certs", _str, ""),
+    _o("workerpool", "ssl_certfile", _str, ""),
+    _o("workerpool", "ssl_keyfile", _str, ""),
+    _o("workerpool", "ssl_cert_reqs", _choice("required", "optional", "none"), "required"),
+    # --- the seed's knobs
+    _o("workerpool", "interval", _float(0.0, strict=True), 1.0),
+    _o("workerpool", "max_tasks", _int(0), 0),
+    # --- processes and concurrency
+    _o("workerpool", "workers", _int(1), 2),
+    _o("workerpool", "concurrency", _int(1), 10),
+    _o("workerpool", "handler", _handler_spec, "workerpool.handlers:async_handle"),
+    _o("workerpool", "task_timeout", _float(0.0), 300.0),
+    _o("workerpool", "max_retries", _int(0), 3),
+    _o("workerpool", "retry_backoff", _float(0.0), 2.0),
+    _o("workerpool", "max_deliveries", _int(1), 3),
+    _o("workerpool", "max_payload_bytes", _int(1), 1048576),
+    _o("workerpool", "unknown_types", _choice("ack", "dead"), "ack"),
+    _o("workerpool", "drain_timeout", _float(0.0), 30.0),
+    _o("workerpool", "worker_timeout", _float(0.0, strict=True), 30.0),
+    _o("workerpool", "crash_limit", _int(1), 10),
+    _o("workerpool", "crash_window", _float(0.0, strict=True), 60.0),
+    _o("workerpool", "max_tasks_per_worker", _int(0), 0),
+    _o("workerpool", "max_memory_per_worker", _int(0), 0),
+    _o("workerpool", "host_id", _str, ""),
+    _o("workerpool", "host_timeout", _float(0.0, strict=True), 30.0),
+    # --- daemon
+    _o("workerpool", "pidfile", _str, "/run/workerpool/workerpool.pid"),
+    _o("workerpool", "log_file", _str, ""),
+    _o("workerpool", "log_level", _log_level, "INFO"),
+    _o("workerpool", "user", _str, ""),
+    _o("workerpool", "group", _str, ""),
+    _o("workerpool", "run_dir", _str, ""),
+    _o("workerpool", "state_dir", _str, ""),
+    # --- built-in handlers
+    _o("email", "host", _nonempty, "localhost"),
+    _o("email", "port", _int(1), 25),
+    _o("email", "username", _str, ""),
+    _o("email", "password", _str, ""),
+    _o("email", "from_addr", _str, "workerpool@localhost"),
+    _o("email", "starttls", _bool, False),
+    _o("email", "ssl", _bool, False),
+    _o("email", "timeout", _float(0.0, strict=True), 30.0),
+    _o("file_process", "base_dir", _str, ""),
+    _o("file_process", "output_dir", _str, ""),
+    # --- metrics
+    _o("metrics", "port", _int(0), 0),
+    _o("metrics", "bind", _nonempty, "127.0.0.1"),
+)
+
+SECTIONS = tuple(dict.fromkeys(option.section for option in OPTIONS))
+_BY_KEY = {(option.section, option.name): option for option in OPTIONS}
+_BY_ATTR = {option.attr: option for option in OPTIONS}
+
+
+def _config_fields() -> list[tuple[str, Any, Any]]:
+    fields_ = []
+    for option in OPTIONS:
+        default = option.default
+        fields_.append((option.attr, Any, field(default=default)))
+    fields_.append(("source", str, field(default="defaults")))
+    fields_.append(("origins", dict, field(default_factory=dict, compare=False, repr=False)))
+    return fields_
+
+
+_ConfigBase = dataclasses.make_dataclass("_ConfigBase", _config_fields(), frozen=True)
+
+
+class Config(_ConfigBase):  # type: ignore[misc, valid-type]
+    """The validated settings; attribute names are the INI keys ([email] host -> email_host)."""
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with some settings changed (values already parsed)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def hash_tag(self) -> str:
+        """The Redis Cluster hash tag of the queue key (DESIGN.md, 'Redis keys')."""
+        key = self.redis_key
+        start = key.find("{")
+        if start != -1:
+            end = key.find("}", start + 1)
+            if end > start + 1:
+                return key[start + 1 : end]
+        return key
+
+    @property
+    def host_name(self) -> str:
+        """The host_id used in Redis keys; defaults to the machine's hostname."""
+        return self.host_id or socket.gethostname()
+
+    @property
+    def redis_password(self) -> str | None:
+        """The Redis password from $WORKERPOOL_REDIS_PASSWORD or password_file, if any."""
+        password = os.environ.get(ENV_PREFIX + "REDIS_PASSWORD")
+        if password:
+            return password
+        if self.password_file:
+            try:
+                with open(self.password_file, encoding="utf-8") as handle:
+                    return handle.read().strip() or None
+            except OSError as exc:
+                raise ConfigError(
+                    f"{self.origins.get('password_file', self.source)}: password_file = "
+                    f"{self.password_file!r}: cannot read it ({exc.strerror})"
+                ) from None
+        return None
+
+    def describe(self, attr: str) -> str:
+        """Where a setting's value came from, for messages."""
+        return self.origins.get(attr, "defaults")
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a Redis URL, for logs, titles and status."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    user = quote(parts.username or "", safe="")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> str | None:
+    """The config file to read: --config, then $WORKERPOOL_CONFIG, then the default paths."""
+    if explicit:
+        return explicit
+    from_env = environ.get(ENV_PREFIX + "CONFIG")
+    if from_env:
+        return from_env
+    for candidate in DEFAULT_SEARCH_PATH:
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _read_file(path: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=("#", ";"),
+        empty_lines_in_values=False,
+        default_section="__no_defaults__",
+    )
+    parser.optionxform = str.lower  # type: ignore[assignment, method-assign]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle, source=path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: config file not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except configparser.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: cannot parse: {first_line}") from None
+    return parser
+
+
+def _parse(option: Option, raw: str, where: str) -> Any:
+    try:
+        return option.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where} {option.name} = {raw!r}: {exc}") from None
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    search: bool = True,
+) -> Config:
+    """Build the Config from file, environment and command-line overrides.
+
+    `overrides` maps attribute names to raw strings (or already-typed values) from the command
+    line; None values are ignored. With search=False only an explicit path is read.
+    """
+    environ = os.environ if environ is None else environ
+    file_path = find_config_file(path, environ) if search else path
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+
+    if file_path:
+        parser = _read_file(file_path)
+        for section in parser.sections():
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"{file_path}: unknown section [{section}]: allowed sections are "
+                    + ", ".join(f"[{name}]" for name in SECTIONS)
+                )
+            for name, raw in parser.items(section):
+                option = _BY_KEY.get((section, name))
+                if option is None:
+                    allowed = ", ".join(o.name for o in OPTIONS if o.section == section)
+                    raise ConfigError(
+                        f"{file_path} [{section}] {name}: unknown key; allowed keys: {allowed}"
+                    )
+                where = f"{file_path} [{section}]"
+                values[option.attr] = _parse(option, raw, where)
+                origins[option.attr] = where
+
+    for option in OPTIONS:
+        raw = environ.get(option.env_name)
+        if raw is not None:
+            where = f"environment {option.env_name}:"
+            values[option.attr] = _parse(option, raw, where)
+            origins[option.attr] = f"environment {option.env_name}"
+
+    for attr, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        option = _BY_ATTR.get(attr)
+        if option is None:
+            raise ConfigError(f"unknown setting {attr!r}")
+        flag = "--" + option.name.replace("_", "-")
+        value = _parse(option, raw, f"command line {flag}:") if isinstance(raw, str) else raw
+        values[attr] = value
+        origins[attr] = f"command line {flag}"
+
+    config = Config(**values, source=file_path or "defaults", origins=origins)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    if config.redis_mode == "sentinel" and not config.sentinels:
+        raise ConfigError(
+            f"{config.describe('redis_mode')} redis_mode = 'sentinel': "
+            "needs sentinels = host:port, ... in [workerpool]"
+        )
+    if config.redis_mode != "standalone" and config.redis_url.startswith("unix:"):
+        raise ConfigError(
+            f"{config.describe('redis_url')} redis_url = {mask_url(config.redis_url)!r}: "
+            f"a unix socket cannot be used with redis_mode = {config.redis_mode}"
+        )
+
+
+def load_handler(config: Config) -> Callable[[dict], Any]:
+    """Import the configured handler; a failure is a ConfigError naming the key."""
+    module_name, _, function_path = config.handler.partition(":")
+    where = f"{config.describe('handler')} handler = {config.handler!r}"
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a config problem
+        raise ConfigError(f"{where}: cannot import {module_name}: {exc!r}") from None
+    for part in function_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"{where}: {module_name} has no attribute {function_path}") from None
+    if not callable(target):
+        raise ConfigError(f"{where}: {function_path} is not callable")
+    return target
+
+
+def warn_if_secret_readable(config: Config) -> str | None:
+    """A warning when the config file holds a password but others may read it."""
+    path = config.source
+    if path == "defaults" or not os.path.isfile(path):
+        return None
+    holds_secret = bool(config.email_password or config.sentinel_password) or (
+        urlsplit(config.redis_url).password is not None
+        if config.redis_url != "embedded"
+        else False
+    )
+    if not holds_secret:
+        return None
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return (
+            f"{path} holds a password and is readable by others (mode {stat.S_IMODE(mode):o}); "
+            "chmod o-rwx it"
+        )
+    return None
+
+
+def config_summary(config: Config) -> dict[str, Any]:
+    """Every setting with secrets masked, for `status --json` and debug logs."""
+    summary = {}
+    for option in OPTIONS:
+        value = getattr(config, option.attr)
+        if option.name in ("password", "sentinel_password") and value:
+            value = "***"
+        elif option.name == "redis_url":
+            value = mask_url(value)
+        summary[option.attr] = value
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover - a quick check for operators
+    try:
+        print(config_summary(load_config(sys.argv[1] if len(sys.argv) > 1 else None)))
+    except ConfigError as error:
+        print(f"workerpool: config error: {error}", file=sys.stderr)
+        sys.exit(2)

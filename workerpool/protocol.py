@@ -1,0 +1,594 @@
+"""The queue protocol: the only module that knows Redis key names, the task wire format and the
+Lua scripts. Every step that touches more than one key is one script, so it is atomic on a
+standalone server and, since every key of a queue shares one hash tag, on a cluster too.
+
+Delivery guarantee: a task is always in exactly one place in Redis - the queue, one worker's
+processing list, the retry set or the dead list - and moves between them only atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+try:  # optional speed-up (the `fast` extra)
+    import orjson
+
+    def _loads(raw: bytes) -> Any:
+        return orjson.loads(raw)
+
+    def _dumps(value: Any) -> bytes:
+        return orjson.dumps(value)
+
+    _JSON_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
+except ImportError:  # pragma: no cover - exercised when the extra is absent
+
+    def _loads(raw: bytes) -> Any:
+        return json.loads(raw.decode("utf-8"))
+
+    def _dumps(value: Any) -> bytes:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    _JSON_ERRORS = (ValueError,)
+
+# The largest batch one script moves; Lua's unpack() has a stack limit near 8000.
+MAX_BATCH = 1000
+
+
+class InvalidTask(ValueError):
+    """A raw entry is not a task; `reason` is the short code stored in the dead-letter entry."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_task(raw: bytes, max_payload_bytes: int) -> dict[str, Any]:
+    """Parse and validate one raw entry of the queue (DESIGN.md, 'Task format')."""
+    if len(raw) > max_payload_bytes:
+        raise InvalidTask("too_large", f"{len(raw)} bytes > max_payload_bytes {max_payload_bytes}")
+    try:
+        task = _loads(raw)
+    except _JSON_ERRORS as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as utf_error:
+            raise InvalidTask("invalid_utf8", str(utf_error)) from None
+        raise InvalidTask("invalid_json", str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidTask("invalid_utf8", str(exc)) from None
+    if not isinstance(task, dict):
+        raise InvalidTask("not_an_object", f"JSON {type(task).__name__}, expected an object")
+    task_type = task.get("type")
+    if not isinstance(task_type, str):
+        detail = "missing 'type'" if task_type is None else "'type' is not a string"
+        raise InvalidTask("bad_type", detail)
+    return task
+
+
+def encode_task(task: dict[str, Any]) -> bytes:
+    """Serialize a task for the queue."""
+    return _dumps(task)
+
+
+def new_task(task_type: str, data: Any = None, **extra: Any) -> dict[str, Any]:
+    """A task as workerpool's producer writes it: type, data, id, attempts, enqueued_at."""
+    task: dict[str, Any] = {"type": task_type, "data": {} if data is None else data}
+    task.update(extra)
+    task.setdefault("id", uuid.uuid4().hex)
+    task.setdefault("attempts", 0)
+    task.setdefault("enqueued_at", time.time())
+    return task
+
+
+def retry_delay(attempts: int, backoff: float) -> float:
+    """Exponential backoff with full jitter in [0.5, 1.0] of the step: backoff * 2**(n-1)."""
+    if backoff <= 0:
+        return 0.0
+    step = backoff * (2 ** min(attempts - 1, 20))
+    return step * (0.5 + random.random() / 2)
+
+
+def dead_entry(
+    raw: bytes, reason: str, error: str, attempts: int, host: str, worker: str
+) -> bytes:
+    """A dead-letter entry; the exact bytes of a non-UTF-8 task are kept in task_base64."""
+    entry: dict[str, Any] = {
+        "task": raw.decode("utf-8", "replace"),
+        "reason": reason,
+        "error": error,
+        "failed_at": time.time(),
+        "attempts": attempts,
+        "host": host,
+        "worker": worker,
+    }
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        entry["task_base64"] = base64.b64encode(raw).decode("ascii")
+    return _dumps(entry)
+
+
+def dead_entry_task(entry: dict[str, Any]) -> bytes:
+    """The original raw task of a decoded dead-letter entry."""
+    if "task_base64" in entry:
+        return base64.b64decode(entry["task_base64"])
+    return str(entry["task"]).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """Every Redis key of one queue (DESIGN.md, 'Redis keys')."""
+
+    queue: str
+
+    @property
+    def tag(self) -> str:
+        start = self.queue.find("{")
+        if start != -1:
+            end = self.queue.find("}", start + 1)
+            if end > start + 1:
+                return self.queue[start + 1 : end]
+        return self.queue
+
+    @property
+    def prefix(self) -> str:
+        return "{" + self.tag + "}"
+
+    @property
+    def retry(self) -> str:
+        return self.prefix + ":retry"
+
+    @property
+    def dead(self) -> str:
+        return self.prefix + ":dead"
+
+    @property
+    def hosts(self) -> str:
+        return self.prefix + ":hosts"
+
+    @property
+    def deliveries(self) -> str:
+        """Hash: raw task -> how many deliveries ended with its worker dying (poison pills)."""
+        return self.prefix + ":deliveries"
+
+    def host_status(self, host: str) -> str:
+        """String: the JSON status a supervisor publishes for `status --all-hosts`."""
+        return f"{self.prefix}:status:{host}"
+
+    def processing(self, host: str, worker: str | int) -> str:
+        return f"{self.prefix}:processing:{host}:{worker}"
+
+    def processing_pattern(self, host: str | None = None) -> str:
+        """A SCAN pattern for the processing lists of one host, or of all hosts."""
+        escaped_prefix = _glob_escape(self.prefix + ":processing:")
+        return escaped_prefix + (_glob_escape(host) + ":*" if host else "*")
+
+    def processing_owner(self, key: bytes | str) -> tuple[str, str]:
+        """(host, worker) of a processing key."""
+        text = key.decode() if isinstance(key, bytes) else key
+        rest = text[len(self.prefix + ":processing:") :]
+        host, _, worker = rest.rpartition(":")
+        return host, worker
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+# --- Lua scripts. KEYS and ARGV are documented above each one.
+
+# KEYS: queue, processing. ARGV: n. Moves up to n of the oldest tasks; returns them newest first.
+TAKE = """
+local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+local count = #items
+if count == 0 then return items end
+if count == redis.call('LLEN', KEYS[1]) then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('LTRIM', KEYS[1], 0, -count - 1)
+end
+redis.call('LPUSH', KEYS[2], unpack(items))
+return items
+"""
+
+# KEYS: processing, retry, dead, deliveries.
+# ARGV: number of acks, the acked raws, then (kind, raw, member, score) records where kind is
+# 'r' (member goes to the retry set at score) or 'd' (member is the dead-letter entry).
+SETTLE = """
+local track = redis.call('HLEN', KEYS[4]) > 0
+local acks = tonumber(ARGV[1])
+for i = 2, acks + 1 do
+  redis.call('LREM', KEYS[1], -1, ARGV[i])
+  if track then redis.call('HDEL', KEYS[4], ARGV[i]) end
+end
+for i = acks + 2, #ARGV, 4 do
+  local raw = ARGV[i + 1]
+  if redis.call('LREM', KEYS[1], -1, raw) == 1 then
+    if ARGV[i] == 'r' then
+      redis.call('ZADD', KEYS[2], ARGV[i + 3], ARGV[i + 2])
+    else
+      redis.call('LPUSH', KEYS[3], ARGV[i + 2])
+    end
+  end
+  if track then redis.call('HDEL', KEYS[4], raw) end
+end
+return acks
+"""
+
+# KEYS: retry, queue. ARGV: now, limit. Retry members are '<token>:<raw>' (unique in the set).
+MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local sep = string.find(member, ':', 1, true)
+  redis.call('LPUSH', KEYS[2], string.sub(member, sep + 1))
+end
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return #due
+"""
+
+# KEYS: processing, queue, dead, deliveries.
+# ARGV: max_deliveries, count (1 = this delivery ended in a death), now, host, worker.
+# Empties a processing list back to the head of the queue; a task whose deliveries reach
+# max_deliveries goes to the dead list instead. Returns {requeued, dead}.
+REQUEUE = """
+local limit = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
+local requeued, dead = 0, 0
+while true do
+  local raw = redis.call('LPOP', KEYS[1])
+  if not raw then break end
+  local deliveries = 0
+  if count == 1 then
+    deliveries = redis.call('HINCRBY', KEYS[4], raw, 1)
+  end
+  if count == 1 and deliveries >= limit then
+    redis.call('HDEL', KEYS[4], raw)
+    local entry = {task = raw, reason = 'max_deliveries',
+      error = 'its worker died ' .. deliveries .. ' times while running it',
+      failed_at = tonumber(ARGV[3]), attempts = deliveries, host = ARGV[4], worker = ARGV[5]}
+    local ok, text = pcall(cjson.encode, entry)
+    if not ok then
+      entry.task = '(not UTF-8)'
+      text = cjson.encode(entry)
+    end
+    redis.call('LPUSH', KEYS[3], text)
+    dead = dead + 1
+  else
+    redis.call('RPUSH', KEYS[2], raw)
+    requeued = requeued + 1
+  end
+end
+return {requeued, dead}
+"""
+
+# KEYS: processing, queue. ARGV: the raws the worker knows it holds.
+# After a lost reply (connection dropped mid-take) the list may hold tasks the worker never
+# saw; give those back to the head of the queue. Returns how many were given back.
+RELEASE_UNKNOWN = """
+local known = {}
+for i = 1, #ARGV do known[ARGV[i]] = (known[ARGV[i]] or 0) + 1 end
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local released = 0
+for i = #items, 1, -1 do
+  local raw = items[i]
+  if (known[raw] or 0) > 0 then
+    known[raw] = known[raw] - 1
+  else
+    redis.call('LREM', KEYS[1], 1, raw)
+    redis.call('RPUSH', KEYS[2], raw)
+    released = released + 1
+  end
+end
+return released
+"""
+
+# KEYS: dead, queue. ARGV: entry, raw task. Moves one dead entry's task back to the queue.
+REVIVE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+SCRIPTS = {
+    "take": TAKE,
+    "settle": SETTLE,
+    "move_due": MOVE_DUE,
+    "requeue": REQUEUE,
+    "release_unknown": RELEASE_UNKNOWN,
+    "revive": REVIVE,
+}
+
+
+def retry_member(raw: bytes) -> bytes:
+    """A retry-set member: a unique token, ':', then the raw task (identical tasks stay apart)."""
+    return os.urandom(8).hex().encode() + b":" + raw
+
+
+def retry_member_task(member: bytes) -> bytes:
+    return member.partition(b":")[2]
+
+
+class Settlement:
+    """Finished deliveries of one processing list waiting to be written in one round trip."""
+
+    __slots__ = ("acks", "records")
+
+    def __init__(self) -> None:
+        self.acks: list[bytes] = []
+        self.records: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.acks) + len(self.records) // 4
+
+    def ack(self, raw: bytes) -> None:
+        self.acks.append(raw)
+
+    def retry(self, raw: bytes, new_raw: bytes, due: float) -> None:
+        self.records += (b"r", raw, retry_member(new_raw), repr(due).encode())
+
+    def dead(self, raw: bytes, entry: bytes) -> None:
+        self.records += (b"d", raw, entry, b"0")
+
+    def args(self) -> list[Any]:
+        return [len(self.acks), *self.acks, *self.records]
+
+
+class _Base:
+    """What the sync and asyncio queues share: keys, scripts and argument building."""
+
+    def __init__(self, client: Any, redis_key: str) -> None:
+        self.client = client
+        self.keys = QueueKeys(redis_key)
+        self._scripts = {name: client.register_script(text) for name, text in SCRIPTS.items()}
+
+    def _take_call(self, processing: str, count: int) -> tuple[Any, list[str], list[Any]]:
+        count = max(1, min(count, MAX_BATCH))
+        return self._scripts["take"], [self.keys.queue, processing], [count]
+
+    def _settle_call(
+        self, processing: str, settlement: Settlement
+    ) -> tuple[Any, list[str], list[Any]]:
+        keys = [processing, self.keys.retry, self.keys.dead, self.keys.deliveries]
+        return self._scripts["settle"], keys, settlement.args()
+
+    def _move_due_call(self, now: float | None, limit: int) -> tuple[Any, list[str], list[Any]]:
+        when = time.time() if now is None else now
+        return self._scripts["move_due"], [self.keys.retry, self.keys.queue], [repr(when), limit]
+
+    def _requeue_call(
+        self, processing: str, max_deliveries: int, count_delivery: bool
+    ) -> tuple[Any, list[str], list[Any]]:
+        host, worker = self.keys.processing_owner(processing)
+        keys = [processing, self.keys.queue, self.keys.dead, self.keys.deliveries]
+        args = [max_deliveries, 1 if count_delivery else 0, repr(time.time()), host, worker]
+        return self._scripts["requeue"], keys, args
+
+    def _release_call(
+        self, processing: str, known: Sequence[bytes]
+    ) -> tuple[Any, list[str], list[Any]]:
+        return self._scripts["release_unknown"], [processing, self.keys.queue], list(known)
+
+
+class SyncQueue(_Base):
+    """The queue protocol over a synchronous redis-py client (supervisor, CLI, producers)."""
+
+    def _call(self, call: tuple[Any, list[str], list[Any]]) -> Any:
+        script, keys, args = call
+        return script(keys=keys, args=args)
+
+    def enqueue(self, task: dict[str, Any] | bytes, wait_replicas: int = 0) -> None:
+        """Push one task (a dict, or raw bytes already encoded)."""
+        self.enqueue_many([task], wait_replicas=wait_replicas)
+
+    def enqueue_many(
+        self, tasks: Iterable[dict[str, Any] | bytes], wait_replicas: int = 0, chunk: int = 1000
+    ) -> int:
+        """Push many tasks in pipelined chunks; returns how many were pushed."""
+        pushed = 0
+        for batch in _chunks((_raw(task) for task in tasks), chunk):
+            self.client.lpush(self.keys.queue, *batch)
+            pushed += len(batch)
+        if wait_replicas:
+            self._wait(wait_replicas)
+        return pushed
+
+    def _wait(self, replicas: int) -> None:
+        acknowledged = self.client.execute_command("WAIT", replicas, 10000)
+        if int(acknowledged) < replicas:
+            raise TimeoutError(f"only {acknowledged} of {replicas} replicas acknowledged the write")
+
+    def take(self, processing: str, count: int) -> list[bytes]:
+        """Move up to `count` oldest tasks to a processing list; oldest first."""
+        items = self._call(self._take_call(processing, count))
+        items.reverse()
+        return items
+
+    def settle(self, processing: str, settlement: Settlement) -> None:
+        """Write acks, retries and dead letters of one processing list in one round trip."""
+        if len(settlement):
+            self._call(self._settle_call(processing, settlement))
+
+    def move_due_retries(self, now: float | None = None, limit: int = MAX_BATCH) -> int:
+        """Move retries whose time has come back to the queue; returns how many."""
+        return int(self._call(self._move_due_call(now, limit)))
+
+    def requeue(
+        self, processing: str, max_deliveries: int, count_delivery: bool = True
+    ) -> tuple[int, int]:
+        """Empty a processing list back into the queue; returns (requeued, dead-lettered)."""
+        requeued, dead = self._call(self._requeue_call(processing, max_deliveries, count_delivery))
+        return int(requeued), int(dead)
+
+    def release_unknown(self, processing: str, known: Sequence[bytes]) -> int:
+        return int(self._call(self._release_call(processing, known)))
+
+    def processing_lists(self, host: str | None = None) -> list[bytes]:
+        """The processing keys of one host (or all hosts) that exist now."""
+        pattern = self.keys.processing_pattern(host)
+        return sorted(set(self.client.scan_iter(match=pattern, count=1000)))
+
+    def requeue_host(self, host: str, max_deliveries: int, count_delivery: bool = True) -> int:
+        """Requeue every processing list of a host; returns how many tasks moved."""
+        moved = 0
+        for key in self.processing_lists(host):
+            requeued, dead = self.requeue(key.decode(), max_deliveries, count_delivery)
+            moved += requeued + dead
+        return moved
+
+    def heartbeat(self, host: str, status: bytes | None = None, ttl: float = 60.0) -> None:
+        """Record that this host's supervisor is alive (and publish its status)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.hosts, {host: time.time()})
+        if status is not None:
+            pipe.set(self.keys.host_status(host), status, px=int(ttl * 1000))
+        pipe.execute()
+
+    def forget_host(self, host: str) -> None:
+        self.client.zrem(self.keys.hosts, host)
+        self.client.delete(self.keys.host_status(host))
+
+    def silent_hosts(self, older_than: float) -> list[str]:
+        """Hosts whose last heartbeat is older than `older_than` (unix time)."""
+        hosts = self.client.zrangebyscore(self.keys.hosts, "-inf", older_than)
+        return [host.decode() for host in hosts]
+
+    def live_hosts(self, newer_than: float) -> list[tuple[str, float, bytes | None]]:
+        """(host, last heartbeat, published status) of every host heard since `newer_than`."""
+        hosts = self.client.zrangebyscore(self.keys.hosts, newer_than, "+inf", withscores=True)
+        result = []
+        for host, beat in hosts:
+            name = host.decode()
+            result.append((name, float(beat), self.client.get(self.keys.host_status(name))))
+        return result
+
+    def counts(self, host: str | None = None) -> dict[str, int]:
+        """Queue depths: pending, processing (of a host, or all), retry, dead."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(self.keys.queue)
+        pipe.zcard(self.keys.retry)
+        pipe.llen(self.keys.dead)
+        pending, retry, dead = pipe.execute()
+        processing = sum(self.client.llen(key) for key in self.processing_lists(host))
+        return {"pending": pending, "processing": processing, "retry": retry, "dead": dead}
+
+    def dead_entries(self, start: int = 0, stop: int = -1) -> list[tuple[int, bytes]]:
+        """(index, raw entry) of dead letters, newest first."""
+        raws = self.client.lrange(self.keys.dead, start, stop)
+        return list(enumerate(raws, start))
+
+    def revive(self, raw_entry: bytes) -> bool:
+        """Move one dead entry's task back to the queue (attempts reset); False if gone."""
+        entry = _loads(raw_entry)
+        task_raw = dead_entry_task(entry)
+        try:
+            task = _loads(task_raw)
+            if isinstance(task, dict) and "attempts" in task:
+                task["attempts"] = 0
+                task_raw = _dumps(task)
+        except _JSON_ERRORS:
+            pass
+        return bool(self._scripts["revive"](keys=[self.keys.dead, self.keys.queue],
+                                            args=[raw_entry, task_raw]))
+
+    def purge_dead(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.llen(self.keys.dead)
+        pipe.delete(self.keys.dead)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def clear(self) -> int:
+        """Delete every pending task (not processing, retry or dead); returns how many."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.llen(self.keys.queue)
+        pipe.delete(self.keys.queue)
+        count, _ = pipe.execute()
+        return int(count)
+
+
+class AsyncQueue(_Base):
+    """The queue protocol over a redis-py asyncio client (the worker's hot path)."""
+
+    def __init__(self, client: Any, redis_key: str, blocking_client: Any = None) -> None:
+        super().__init__(client, redis_key)
+        self.blocking_client = blocking_client or client
+
+    async def _call(self, call: tuple[Any, list[str], list[Any]]) -> Any:
+        script, keys, args = call
+        return await script(keys=keys, args=args)
+
+    async def enqueue_many(
+        self, tasks: Iterable[dict[str, Any] | bytes], wait_replicas: int = 0, chunk: int = 1000
+    ) -> int:
+        """Push many tasks in chunks; returns how many were pushed."""
+        pushed = 0
+        for batch in _chunks((_raw(task) for task in tasks), chunk):
+            await self.client.lpush(self.keys.queue, *batch)
+            pushed += len(batch)
+        if wait_replicas:
+            acknowledged = await self.client.execute_command("WAIT", wait_replicas, 10000)
+            if int(acknowledged) < wait_replicas:
+                raise TimeoutError(
+                    f"only {acknowledged} of {wait_replicas} replicas acknowledged the write"
+                )
+        return pushed
+
+    async def take(self, processing: str, count: int) -> list[bytes]:
+        """Move up to `count` oldest tasks to a processing list without blocking; oldest first."""
+        items = await self._call(self._take_call(processing, count))
+        items.reverse()
+        return items
+
+    async def take_blocking(self, processing: str, timeout: float) -> bytes | None:
+        """Wait up to `timeout` seconds for one task (BLMOVE) and move it to `processing`."""
+        return await self.blocking_client.blmove(
+            self.keys.queue, processing, timeout, "RIGHT", "LEFT"
+        )
+
+    async def settle(self, processing: str, settlement: Settlement) -> None:
+        if len(settlement):
+            await self._call(self._settle_call(processing, settlement))
+
+    async def move_due_retries(self, now: float | None = None, limit: int = MAX_BATCH) -> int:
+        return int(await self._call(self._move_due_call(now, limit)))
+
+    async def requeue(
+        self, processing: str, max_deliveries: int, count_delivery: bool = True
+    ) -> tuple[int, int]:
+        call = self._requeue_call(processing, max_deliveries, count_delivery)
+        requeued, dead = await self._call(call)
+        return int(requeued), int(dead)
+
+    async def release_unknown(self, processing: str, known: Sequence[bytes]) -> int:
+        return int(await self._call(self._release_call(processing, known)))
+
+
+def _raw(task: dict[str, Any] | bytes | str) -> bytes:
+    if isinstance(task, bytes):
+        return task
+    if isinstance(task, str):
+        return task.encode("utf-8")
+    return encode_task(task)
+
+
+def _chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,636 @@
+"""One worker process: an asyncio loop that takes tasks from the queue and runs the handler.
+
+Run alone with `python -m workerpool.worker --config FILE`, or forked by the supervisor.
+The fetch loop takes as many tasks as there is free concurrency (and max-tasks budget) in one
+round trip, and blocks on BLMOVE for up to `interval` only when the queue is empty, so a task
+pushed to an idle worker starts at once. Finished deliveries are coalesced into one script
+call per loop iteration. Redis errors are survived: the worker backs off, reconnects and then
+gives back anything a lost reply left in its processing list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from workerpool import protocol
+from workerpool.config import Config, ConfigError, load_config, load_handler, mask_url
+from workerpool.connection import async_client, blocking_margin
+from workerpool.errors import RetryLater, TaskRejected
+from workerpool.logs import set_process_name, setup_logging
+from workerpool.protocol import AsyncQueue, InvalidTask, Settlement, decode_task
+from workerpool.scoreboard import BUSY, DRAINING, IDLE, STOPPED, Scoreboard
+
+log = logging.getLogger("workerpool.worker")
+
+RECONNECT_MIN = 0.1
+RECONNECT_MAX = 5.0
+HOUSEKEEPING_PERIOD = 1.0
+# How long a worker keeps trying to write its last results before it gives up on Redis
+# (what it could not write stays in its processing list and is requeued).
+FINAL_FLUSH_TIMEOUT = 10.0
+
+try:
+    from setproctitle import setproctitle
+except ImportError:  # pragma: no cover - a hard dependency, but titles are cosmetic
+
+    def setproctitle(title: str) -> None:
+        return None
+
+
+def _timeout_scope(seconds: float) -> Any:
+    """asyncio.timeout on Python 3.11+, a small equivalent on 3.10."""
+    if hasattr(asyncio, "timeout"):
+        return asyncio.timeout(seconds)
+    return _LegacyTimeout(seconds)  # pragma: no cover - Python 3.10 only
+
+
+class _LegacyTimeout:  # pragma: no cover - Python 3.10 only
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        self._expired = False
+
+        def expire() -> None:
+            self._expired = True
+            task.cancel()
+
+        self._handle = asyncio.get_running_loop().call_later(self.seconds, expire)
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self._handle.cancel()
+        if self._expired and exc_type is asyncio.CancelledError:
+            raise TimeoutError
+        return False
+
+
+def _is_async(handler: Callable[..., Any]) -> bool:
+    target = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - an async __call__ method counts
+    )
+
+
+def _short(task: Any, limit: int = 200) -> str:
+    text = repr(task)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Worker:
+    """The asyncio side of one worker process."""
+
+    def __init__(
+        self,
+        config: Config,
+        handler: Callable[[dict], Any],
+        scoreboard: Scoreboard,
+        index: int,
+        *,
+        name: str | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.handler_is_async = _is_async(handler)
+        self.scoreboard = scoreboard
+        self.index = index
+        self.name = name or str(index)
+        self.parent_pid = parent_pid
+        self.host = config.host_name
+        self.processing_key = protocol.QueueKeys(config.redis_key).processing(self.host, self.name)
+        self.stopping = False
+        self.stop_reason = ""
+        self.in_flight = 0
+        self.processed = 0  # finished for good (acked or dead-lettered), as written to Redis
+        self.succeeded = 0
+        self.failed = 0
+        # Raws this worker holds in its processing list, by delivery number.
+        self.held: dict[int, bytes] = {}
+        self._delivery_seq = 0
+        self._running: dict[int, asyncio.Task] = {}
+        self._pending = Settlement()
+        self._pending_counts = [0, 0, 0]  # finished, returned, failed in self._pending
+        self._flushing: asyncio.Task | None = None
+        self._flush_scheduled = False
+        self._slot_freed = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._needs_reconcile = False
+        self._redis_down_since: float | None = None
+        self._fetch_task: asyncio.Task | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._log_tasks = log.isEnabledFor(logging.INFO)
+        recycle_after = config.max_tasks_per_worker
+        if recycle_after:
+            # Jitter so that workers started together do not all recycle at once.
+            recycle_after += random.randint(0, max(1, recycle_after // 10))
+        self.recycle_after = recycle_after
+        self.queue: AsyncQueue | None = None
+
+    # --- life cycle
+
+    async def run(self) -> int:
+        """Run until stopped, max_tasks is reached or the worker is recycled; the exit code."""
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        command = async_client(self.config)
+        blocking = async_client(self.config, blocking_timeout=blocking_margin(self.config.interval))
+        self.queue = AsyncQueue(command, self.config.redis_key, blocking_client=blocking)
+        if not self.handler_is_async:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.config.concurrency, thread_name_prefix="handler"
+            )
+        self.scoreboard.set(self.index, "state", IDLE)
+        self.scoreboard.beat(self.index)
+        housekeeping = loop.create_task(self._housekeeping())
+        self._fetch_task = loop.create_task(self._fetch_loop())
+        try:
+            await self._stop_event.wait()
+            await self._drain()
+        finally:
+            housekeeping.cancel()
+            self.scoreboard.set(self.index, "state", STOPPED)
+            self.scoreboard.set(self.index, "in_flight", 0)
+            for client in (command, blocking):
+                try:
+                    await client.aclose()
+                except Exception:  # noqa: BLE001 - closing a broken connection may fail
+                    pass
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker stopped (%s): %d processed, %d failed",
+                 self.stop_reason or "stopped", self.processed, self.failed)
+        return 0
+
+    def stop(self, reason: str) -> None:
+        """Begin a graceful drain: take nothing more, finish what runs, exit."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        self.scoreboard.set(self.index, "state", DRAINING)
+        log.info("draining (%s): %d task(s) in flight", reason, self.in_flight)
+        self._slot_freed.set()
+        if self._fetch_task is not None and not self._fetch_task.done():
+            self._fetch_task.cancel()
+        self._stop_event.set()
+
+    async def _drain(self) -> None:
+        if self._fetch_task is not None:
+            try:
+                await self._fetch_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - already logged
+                pass
+        running = list(self._running.values())
+        if running:
+            done, not_done = await asyncio.wait(running, timeout=self.config.drain_timeout)
+            if not_done:
+                log.warning("drain_timeout (%gs) reached: giving back %d unfinished task(s)",
+                            self.config.drain_timeout, len(not_done))
+                for task in not_done:
+                    task.cancel()
+                await asyncio.wait(not_done, timeout=1.0)
+        await self._final_flush()
+
+    async def _final_flush(self) -> None:
+        deadline = time.monotonic() + FINAL_FLUSH_TIMEOUT
+        while True:
+            if self._flushing is not None:
+                try:
+                    await self._flushing
+                except Exception:  # noqa: BLE001 - retried below
+                    pass
+            if len(self._pending) == 0:
+                break
+            if time.monotonic() > deadline:
+                log.error("could not write %d result(s) to Redis; they stay in %s and will be "
+                          "requeued", len(self._pending), self.processing_key)
+                return
+            self._flushing = self.loop.create_task(self._flush())
+            await asyncio.sleep(0)
+        # Whatever is still in the processing list was taken but never run (a take cancelled
+        # mid-flight, or a task given back at drain_timeout): return it to the queue.
+        while time.monotonic() < deadline:
+            try:
+                given_back, _ = await self.queue.requeue(
+                    self.processing_key, self.config.max_deliveries, count_delivery=False
+                )
+                if given_back:
+                    log.info("gave back %d task(s) not started", given_back)
+                return
+            except RedisError as exc:
+                log.error("redis unavailable while giving back tasks (%s)", exc)
+                await asyncio.sleep(0.5)
+
+    # --- fetching
+
+    async def _fetch_loop(self) -> None:
+        concurrency = self.config.concurrency
+        scoreboard = self.scoreboard
+        index = self.index
+        queue = self.queue
+        key = self.processing_key
+        backoff = RECONNECT_MIN
+        while not self.stopping:
+            free = concurrency - self.in_flight
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            if self.recycle_after:
+                free = min(free, max(0, self.recycle_after - self.processed - self.in_flight))
+                if free == 0:
+                    await self._wait_for_slot()
+                    continue
+            granted = scoreboard.reserve(index, free)
+            if granted == 0:
+                if scoreboard.budget_spent():
+                    self.stop("max_tasks reached")
+                    return
+                await self._wait_for_slot(0.05)
+                continue
+            items: list[bytes] = []
+            try:
+                if self._needs_reconcile:
+                    await self._reconcile()
+                items = await queue.take(key, granted)
+                if not items:
+                    scoreboard.release(index, granted - 1)
+                    granted = 1
+                    raw = await queue.take_blocking(key, self.config.interval)
+                    if raw is not None:
+                        items = [raw]
+                backoff = RECONNECT_MIN
+                if self._redis_down_since is not None:
+                    log.warning("redis reachable again after %.1fs",
+                                time.monotonic() - self._redis_down_since)
+                    self._redis_down_since = None
+            except asyncio.CancelledError:
+                scoreboard.release(index, granted)
+                raise
+            except RedisError as exc:
+                scoreboard.release(index, granted)
+                self._connection_lost(exc, backoff)
+                await self._wait_for_slot(backoff)
+                backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
+            if len(items) < granted:
+                scoreboard.release(index, granted - len(items))
+            for raw in items:
+                self._start(raw)
+
+    async def _wait_for_slot(self, timeout: float = 1.0) -> None:
+        self._slot_freed.clear()
+        try:
+            await asyncio.wait_for(self._slot_freed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _connection_lost(self, exc: Exception, backoff: float) -> None:
+        self._needs_reconcile = True
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+        log.error("redis unavailable at %s (%s: %s); retrying in %.1fs",
+                  mask_url(self.config.redis_url), type(exc).__name__, exc, backoff)
+
+    async def _reconcile(self) -> None:
+        known = list(self.held.values())
+        released = await self.queue.release_unknown(self.processing_key, known)
+        self._needs_reconcile = False
+        if released:
+            log.warning("gave back %d task(s) taken during a lost connection", released)
+
+    # --- running tasks
+
+    def _start(self, raw: bytes) -> None:
+        self._delivery_seq += 1
+        delivery = self._delivery_seq
+        self.held[delivery] = raw
+        try:
+            task = decode_task(raw, self.config.max_payload_bytes)
+        except InvalidTask as exc:
+            log.warning("invalid task dead-lettered (%s): %s", exc.reason, _short(raw))
+            entry = protocol.dead_entry(raw, exc.reason, exc.detail, 0, self.host, self.name)
+            self._pending.dead(raw, entry)
+            self._settled(delivery, finished=True, failed=True)
+            return
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self.scoreboard.set(self.index, "busy_since", time.monotonic())
+            self.scoreboard.set(self.index, "state", BUSY)
+        self.scoreboard.set(self.index, "in_flight", self.in_flight)
+        self._running[delivery] = self.loop.create_task(self._run(delivery, raw, task))
+
+    async def _call_handler(self, task: dict) -> Any:
+        if self.handler_is_async:
+            return await self.handler(task)
+        result = await self.loop.run_in_executor(self._executor, self.handler, task)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _run(self, delivery: int, raw: bytes, task: dict) -> None:
+        timeout = self.config.task_timeout
+        error: BaseException | None = None
+        if self._log_tasks:
+            log.info("processing task: %s", _short(task))
+        try:
+            if timeout:
+                async with _timeout_scope(timeout):
+                    await self._call_handler(task)
+            else:
+                await self._call_handler(task)
+        except asyncio.CancelledError:
+            # Cancelled at drain_timeout: the task stays in the processing list and is given
+            # back by the final requeue.
+            self._finish_running(delivery)
+            self.held.pop(delivery, None)
+            self.scoreboard.release(self.index, 1)
+            raise
+        except TimeoutError:
+            error = TimeoutError(f"timed out after {timeout:g}s")
+        except Exception as exc:  # noqa: BLE001 - any handler failure is recorded, never fatal
+            error = exc
+        self._finish_running(delivery)
+        if error is None:
+            self._pending.ack(raw)
+            self._settled(delivery, finished=True, failed=False)
+            self.succeeded += 1
+            if self._log_tasks:
+                log.info("task done: %s", _short(task))
+                log.info("processed task #%d", self.succeeded)
+        else:
+            self._fail(delivery, raw, task, error)
+
+    def _finish_running(self, delivery: int) -> None:
+        self._running.pop(delivery, None)
+        self.in_flight -= 1
+        scoreboard = self.scoreboard
+        scoreboard.set(self.index, "in_flight", self.in_flight)
+        if self.in_flight == 0:
+            scoreboard.set(self.index, "state", DRAINING if self.stopping else IDLE)
+        self._slot_freed.set()
+
+    def _fail(self, delivery: int, raw: bytes, task: dict, error: BaseException) -> None:
+        attempts = task.get("attempts")
+        attempts = (attempts if isinstance(attempts, int) else 0) + 1
+        description = f"{type(error).__name__}: {error}"
+        if isinstance(error, TaskRejected):
+            reason = "rejected"
+        elif attempts > self.config.max_retries:
+            reason = "max_retries"
+        else:
+            reason = ""
+        if reason:
+            log.error("task failed, dead-lettered (%s, attempt %d): %s: %s",
+                      reason, attempts, description, _short(task))
+            entry = protocol.dead_entry(raw, reason, description, attempts, self.host, self.name)
+            self._pending.dead(raw, entry)
+            self._settled(delivery, finished=True, failed=True)
+            return
+        delay = getattr(error, "delay", None)
+        if delay is None or not isinstance(error, RetryLater):
+            delay = protocol.retry_delay(attempts, self.config.retry_backoff)
+        retried = dict(task)
+        retried["attempts"] = attempts
+        due = time.time() + delay
+        log.error("task failed (attempt %d of %d), retry in %.1fs: %s: %s",
+                  attempts, self.config.max_retries + 1, delay, description, _short(task))
+        self._pending.retry(raw, protocol.encode_task(retried), due)
+        self._settled(delivery, finished=False, failed=True)
+        self._schedule_retry_move(delay)
+
+    def _settled(self, delivery: int, *, finished: bool, failed: bool) -> None:
+        counts = self._pending_counts
+        if finished:
+            counts[0] += 1
+        else:
+            counts[1] += 1
+        if failed:
+            counts[2] += 1
+        self.held.pop(delivery, None)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._start_flush)
+
+    # --- writing results
+
+    def _start_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._flushing is None or self._flushing.done():
+            self._flushing = self.loop.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Write every pending result in one script call; on failure keep them and retry."""
+        backoff = RECONNECT_MIN
+        while len(self._pending):
+            settlement, self._pending = self._pending, Settlement()
+            finished, returned, failed = self._pending_counts
+            self._pending_counts = [0, 0, 0]
+            try:
+                await self.queue.settle(self.processing_key, settlement)
+            except RedisError as exc:
+                # Put them back in front of anything that finished meanwhile, and retry.
+                settlement.acks += self._pending.acks
+                settlement.records += self._pending.records
+                self._pending = settlement
+                counts = self._pending_counts
+                self._pending_counts = [finished + counts[0], returned + counts[1],
+                                        failed + counts[2]]
+                self._connection_lost(exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
+            self._record_settled(finished, returned, failed)
+
+    def _record_settled(self, finished: int, returned: int, failed: int) -> None:
+        scoreboard = self.scoreboard
+        scoreboard.finish(self.index, finished)
+        scoreboard.release(self.index, returned)
+        self.processed += finished
+        self.failed += failed
+        scoreboard.add(self.index, "processed", finished)
+        scoreboard.add(self.index, "failed", failed)
+        if scoreboard.budget_spent() and not self.stopping:
+            self.stop("max_tasks reached")
+        elif self.recycle_after and self.processed >= self.recycle_after and not self.stopping:
+            self.stop(f"recycling after {self.processed} tasks")
+
+    def _schedule_retry_move(self, delay: float) -> None:
+        if self._retry_timer is not None and self._retry_timer.when() <= self.loop.time() + delay:
+            return
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._retry_timer = self.loop.call_later(delay + 0.005, self._move_retries_soon)
+
+    def _move_retries_soon(self) -> None:
+        self._retry_timer = None
+        self.loop.create_task(self._move_due_retries())
+
+    async def _move_due_retries(self) -> None:
+        try:
+            await self.queue.move_due_retries()
+        except RedisError:
+            pass  # the next housekeeping round (or the supervisor) moves them
+
+    # --- housekeeping: heartbeat, parent watch, recycling, due retries, process title
+
+    async def _housekeeping(self) -> None:
+        scoreboard = self.scoreboard
+        period = min(HOUSEKEEPING_PERIOD, self.config.worker_timeout / 4)
+        memory_limit = self.config.max_memory_per_worker * 1024 * 1024
+        sweep_retries = self.parent_pid is None
+        while True:
+            scoreboard.beat(self.index)
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("supervisor (pid %d) is gone", self.parent_pid)
+                self.stop("supervisor died")
+            if memory_limit and not self.stopping and _rss_bytes() > memory_limit:
+                self.stop(f"recycling: memory above {self.config.max_memory_per_worker} MiB")
+            if sweep_retries and not self.stopping:
+                await self._move_due_retries()
+            self._set_title()
+            await asyncio.sleep(period)
+
+    def _set_title(self) -> None:
+        state = "draining" if self.stopping else ("busy" if self.in_flight else "idle")
+        setproctitle(
+            f"workerpool: worker {self.name} [{self.config.redis_key}] {state} "
+            f"{self.in_flight}/{self.config.concurrency} done={self.processed}"
+        )
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed (the `fast` extra), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_worker(
+    config: Config,
+    handler: Callable[[dict], Any],
+    scoreboard: Scoreboard,
+    index: int,
+    *,
+    name: str | None = None,
+    parent_pid: int | None = None,
+) -> int:
+    """Run one worker in this process until it stops; returns its exit code.
+
+    Under a supervisor (parent_pid set), SIGINT is ignored - the supervisor decides - and
+    SIGTERM drains. Alone, both drain.
+    """
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(config, handler, scoreboard, index, name=name, parent_pid=parent_pid)
+    supervised = parent_pid is not None
+    if supervised:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        loop.add_signal_handler(signal.SIGINT, worker.stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGTERM, worker.stop, "SIGTERM")
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGQUIT):
+        # Supervisor-only signals; a worker inherits the supervisor's handlers otherwise.
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGQUIT else signal.SIG_IGN)
+    setup = getattr(sys.modules.get(getattr(handler, "__module__", ""), None),
+                    "workerpool_setup", None)
+    try:
+        if callable(setup):
+            setup(config)
+        return loop.run_until_complete(worker.run())
+    finally:
+        loop.close()
+
+
+def _ping(config: Config) -> None:
+    from workerpool.connection import sync_client
+
+    client = sync_client(config)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m workerpool.worker`: one worker process without a supervisor."""
+    parser = argparse.ArgumentParser(prog="python -m workerpool.worker",
+                                     description="Run one workerpool worker without a supervisor.")
+    parser.add_argument("--config", help="INI file (default: $WORKERPOOL_CONFIG, ./workerpool.ini)")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--redis-key")
+    parser.add_argument("--interval")
+    parser.add_argument("--max-tasks")
+    parser.add_argument("--concurrency")
+    parser.add_argument("--worker-id", default="standalone",
+                        help="names this worker's processing list; unique per host")
+    args = parser.parse_args(argv)
+    overrides = {
+        "redis_url": args.redis_url,
+        "redis_key": args.redis_key,
+        "interval": args.interval,
+        "max_tasks": args.max_tasks,
+        "concurrency": args.concurrency,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+        handler = load_handler(config)
+    except ConfigError as error:
+        print(f"workerpool: config error: {error}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_file)
+    set_process_name(f"worker {args.worker_id}")
+    log.info("starting worker; redis key: %s; interval: %gs; max tasks: %s",
+             config.redis_key, config.interval, config.max_tasks or "unlimited")
+    try:
+        _ping(config)
+    except RedisError as exc:
+        log.error("cannot connect to redis at %s: %s", mask_url(config.redis_url), exc)
+        return 1
+    # Tasks a previous run of this worker left behind go back to the queue first.
+    from workerpool.connection import sync_client
+
+    client = sync_client(config)
+    try:
+        queue = protocol.SyncQueue(client, config.redis_key)
+        key = queue.keys.processing(config.host_name, args.worker_id)
+        requeued, dead = queue.requeue(key, config.max_deliveries)
+        if requeued or dead:
+            log.warning("requeued %d task(s) left by a previous run (%d dead-lettered)",
+                        requeued, dead)
+    finally:
+        client.close()
+    scoreboard = Scoreboard(1, config.max_tasks)
+    return run_worker(config, handler, scoreboard, 0, name=args.worker_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
