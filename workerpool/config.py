@@ -7,6 +7,7 @@ variable, or the option), the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import ast
 import configparser
 import dataclasses
 import importlib
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 DEFAULT_SEARCH_PATH = ("./workerpool.ini", "/etc/workerpool/workerpool.ini")
 ENV_PREFIX = "WORKERPOOL_"
@@ -31,14 +32,18 @@ class ConfigError(Exception):
 # with the "what is allowed" half of the message.
 
 
-def _int(minimum: int) -> Callable[[str], int]:
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    allowed = f"expected a whole number >= {minimum}"
+    if maximum is not None:
+        allowed = f"expected a whole number from {minimum} to {maximum}"
+
     def parse(raw: str) -> int:
         try:
             value = int(raw.strip().replace("_", ""))
         except ValueError:
-            raise ValueError(f"expected a whole number >= {minimum}") from None
-        if value < minimum:
-            raise ValueError(f"expected a whole number >= {minimum}")
+            raise ValueError(allowed) from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(allowed)
         return value
 
     return parse
@@ -103,8 +108,11 @@ def _redis_url(raw: str) -> str:
     value = raw.strip()
     if value == "embedded":
         return value
-    parts = urlsplit(value)
     allowed = "expected redis://[user:password@]host[:port][/db], rediss://..., unix:///path"
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValueError(allowed) from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(allowed)
     if parts.scheme == "unix":
@@ -217,7 +225,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("workerpool", "state_dir", _str, ""),
     # --- built-in handlers
     _o("email", "host", _nonempty, "localhost"),
-    _o("email", "port", _int(1), 25),
+    _o("email", "port", _int(1, 65535), 25),
     _o("email", "username", _str, ""),
     _o("email", "password", _str, ""),
     _o("email", "from_addr", _str, "workerpool@localhost"),
@@ -227,7 +235,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("file_process", "base_dir", _str, ""),
     _o("file_process", "output_dir", _str, ""),
     # --- metrics
-    _o("metrics", "port", _int(0), 0),
+    _o("metrics", "port", _int(0, 65535), 0),
     _o("metrics", "bind", _nonempty, "127.0.0.1"),
 )
 
@@ -298,16 +306,23 @@ def mask_url(url: str) -> str:
     """Hide the password in a Redis URL, for logs, titles and status."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    user = quote(parts.username or "", safe="")
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:  # unparsable (bad IPv6 brackets): hide the whole userinfo
+        head, at, tail = url.rpartition("@")
+        return head.partition("//")[0] + "//***@" + tail if at else url
+    # Edited in the raw text: parsed parts would re-quote the user, lowercase the host, raise on
+    # a bad port or drop the // of unix:///path. redis-py also takes ?password= from the query.
+    params = parts.query.split("&")
+    masked = [
+        p.partition("=")[0] + "=***" if p.lower().startswith("password=") else p for p in params
+    ]
+    if masked != params:
+        start = url.index("?") + 1
+        url = url[:start] + "&".join(masked) + url[start + len(parts.query) :]
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = userinfo.partition(":")[0] + ":***@" + hostport
+        url = url.replace("//" + parts.netloc, "//" + netloc, 1)
+    return url
 
 
 def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> str | None:
@@ -342,6 +357,21 @@ def _read_file(path: str) -> configparser.ConfigParser:
         raise ConfigError(f"{path}: is a directory, not a config file") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(
+            f"{path}, line {exc.lineno}: cannot parse {exc.line.strip()!r}: "
+            "expected a [section] header first"
+        ) from None
+    except configparser.ParsingError as exc:
+        lineno, line = exc.errors[0]
+        try:  # configparser stores the line as its repr
+            line = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            pass
+        raise ConfigError(
+            f"{path}, line {lineno}: cannot parse {line.strip()!r}: "
+            "expected [section], key = value or a # comment"
+        ) from None
     except configparser.Error as exc:
         first_line = str(exc).splitlines()[0]
         raise ConfigError(f"{path}: cannot parse: {first_line}") from None
@@ -352,7 +382,8 @@ def _parse(option: Option, raw: str, where: str) -> Any:
     try:
         return option.parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{where} {option.name} = {raw!r}: {exc}") from None
+        shown = mask_url(raw) if option.name == "redis_url" else raw  # never print a password
+        raise ConfigError(f"{where} {option.name} = {shown!r}: {exc}") from None
 
 
 def load_config(
@@ -405,6 +436,8 @@ def load_config(
         if option is None:
             raise ConfigError(f"unknown setting {attr!r}")
         flag = "--" + option.name.replace("_", "-")
+        if isinstance(raw, (bool, int, float)):
+            raw = str(raw)  # typed values from argparse get the same checks as strings
         value = _parse(option, raw, f"command line {flag}:") if isinstance(raw, str) else raw
         values[attr] = value
         origins[attr] = f"command line {flag}"
@@ -420,10 +453,11 @@ def _check_consistency(config: Config) -> None:
             f"{config.describe('redis_mode')} redis_mode = 'sentinel': "
             "needs sentinels = host:port, ... in [workerpool]"
         )
-    if config.redis_mode != "standalone" and config.redis_url.startswith("unix:"):
+    local = config.redis_url.startswith("unix:") or config.redis_url == "embedded"
+    if config.redis_mode != "standalone" and local:
         raise ConfigError(
             f"{config.describe('redis_url')} redis_url = {mask_url(config.redis_url)!r}: "
-            f"a unix socket cannot be used with redis_mode = {config.redis_mode}"
+            f"a unix socket (or embedded) cannot be used with redis_mode = {config.redis_mode}"
         )
 
 
@@ -450,11 +484,11 @@ def warn_if_secret_readable(config: Config) -> str | None:
     path = config.source
     if path == "defaults" or not os.path.isfile(path):
         return None
-    holds_secret = bool(config.email_password or config.sentinel_password) or (
-        urlsplit(config.redis_url).password is not None
-        if config.redis_url != "embedded"
-        else False
-    )
+    # Only values read from this file count: a password from the environment is not in it.
+    in_file = {attr for attr, origin in config.origins.items() if origin.startswith(path + " [")}
+    holds_secret = any(
+        getattr(config, attr) for attr in ("email_password", "sentinel_password") if attr in in_file
+    ) or ("redis_url" in in_file and mask_url(config.redis_url) != config.redis_url)
     if not holds_secret:
         return None
     mode = os.stat(path).st_mode
