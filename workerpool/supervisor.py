@@ -1,0 +1,623 @@
+"""The supervisor: forks the workers and keeps the pool healthy.
+
+A plain synchronous loop. Signal handlers only record the signal (the wake-up fd interrupts
+the loop's select); the loop acts. Each tick it reaps dead workers (requeueing their
+processing lists before anything replaces them), starts workers that are due (with
+exponential backoff after crashes), kills workers whose event loop stopped beating, and,
+about once a second, moves due retries, heartbeats this host in Redis, requeues the lists of
+silent hosts and of dead local processes, and writes the status file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from workerpool import sdnotify
+from workerpool.config import Config, ConfigError, load_handler, mask_url
+from workerpool.connection import sync_client
+from workerpool.daemon import write_json_atomic
+from workerpool.logs import set_process_name
+from workerpool.protocol import SyncQueue
+from workerpool.scoreboard import DRAINING, STARTING, Scoreboard
+from workerpool.worker import run_worker, setproctitle
+
+log = logging.getLogger("workerpool.supervisor")
+
+TICK = 1.0
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a worker that lived this long resets its slot's backoff
+KILL_GRACE = 5.0  # after drain_timeout, how long workers get to give back before SIGKILL
+ORPHAN_SWEEP_PERIOD = 5.0
+
+_SIGNAL_NAMES = {getattr(signal, name): name for name in dir(signal)
+                 if name.startswith("SIG") and not name.startswith("SIG_")}
+
+
+@dataclass
+class WorkerProcess:
+    """What the supervisor knows about one forked worker."""
+
+    slot: int
+    pid: int
+    started: float
+    retiring: bool = False  # asked to stop (reload, scale down, drain): not counted as active
+    kill_at: float | None = None  # when to SIGKILL it if it has not exited
+    killed: str = ""  # why we sent SIGKILL: "hung", "late" (drain overran) or "now"
+
+    @property
+    def name(self) -> str:
+        return str(self.slot + 1)
+
+    @property
+    def list_id(self) -> str:
+        return f"{self.slot + 1}-{self.pid}"
+
+
+class CrashLoop(Exception):
+    """Too many worker deaths in crash_window."""
+
+
+class Supervisor:
+    """Runs the pool until it is stopped; `run()` returns the process exit code."""
+
+    def __init__(
+        self,
+        config: Config,
+        handler: Callable[[dict], Any],
+        *,
+        reload_config: Callable[[], Config] | None = None,
+        status_file: str | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.reload_config = reload_config
+        self.status_file = status_file
+        self.target = config.workers
+        self.workers: dict[int, WorkerProcess] = {}  # by pid
+        self.scoreboard = Scoreboard(max(64, config.workers * 4), config.max_tasks)
+        self.slot_backoff: dict[int, float] = {}
+        self.slot_due: dict[int, float] = {}  # slot -> monotonic time its restart is allowed
+        self.crashes: list[float] = []
+        self.stopping = False
+        self.stop_reason = ""
+        self.exit_code = 0
+        self.drain_deadline: float | None = None
+        self.signals: list[int] = []
+        self.pending_reload: list[int] = []  # pids still to be replaced after a reload
+        self.ready_sent = False
+        self.started_at = time.time()
+        self.host = config.host_name
+        self.pid = os.getpid()
+        self._wake_read = self._wake_write = -1
+        self._next_maintenance = 0.0
+        self._next_orphan_sweep = 0.0
+        self._redis_error_logged = False
+        self._watchdog = sdnotify.watchdog_interval()
+        self._client = sync_client(config)
+        self.queue = SyncQueue(self._client, config.redis_key)
+
+    # --- signals
+
+    def _install_signals(self) -> None:
+        self._wake_read, self._wake_write = os.pipe()
+        for fd in (self._wake_read, self._wake_write):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wake_write)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+            signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        # Only record: logging or os.kill here could deadlock (DESIGN.md pitfalls).
+        self.signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGCHLD:
+                continue  # reaping happens every tick
+            name = _SIGNAL_NAMES.get(signum, str(signum))
+            if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                self.begin_drain(f"{name} received")
+            elif signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
+                self.stop_now(f"{name} received")
+            elif signum == signal.SIGHUP and not self.stopping:
+                self.reload()
+            elif signum == signal.SIGTTIN and not self.stopping:
+                self.target += 1
+                log.info("SIGTTIN: now %d worker(s)", self.target)
+            elif signum == signal.SIGTTOU and not self.stopping:
+                if self.target > 1:
+                    self.target -= 1
+                    log.info("SIGTTOU: now %d worker(s)", self.target)
+                else:
+                    log.info("SIGTTOU ignored: keeping the last worker")
+
+    def _sleep(self, timeout: float) -> None:
+        try:
+            select.select([self._wake_read], [], [], max(0.0, timeout))
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self._wake_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- main loop
+
+    def run(self) -> int:
+        """Start the workers and supervise them until the pool stops."""
+        self._install_signals()
+        set_process_name("supervisor")
+        log.info("starting workerpool supervisor (pid %d) with %d worker(s) x %d concurrency",
+                 self.pid, self.target, self.config.concurrency)
+        log.info("redis: %s; redis key: %s; interval: %gs; max tasks: %s",
+                 mask_url(self.config.redis_url), self.config.redis_key, self.config.interval,
+                 self.config.max_tasks or "unlimited")
+        self._sweep_orphans()
+        try:
+            while True:
+                self._handle_signals()
+                self._reap()
+                if self.stopping and not self.workers:
+                    break
+                if not self.stopping:
+                    self._manage()
+                self._murder()
+                now = time.monotonic()
+                if now >= self._next_maintenance:
+                    self._maintenance()
+                    self._next_maintenance = now + TICK
+                if not self.signals:
+                    self._sleep(self._next_wake())
+        except CrashLoop as exc:
+            log.error("%s: stopping the pool", exc)
+            self.exit_code = 1
+            self.stop_now(str(exc))
+            self._wait_all(KILL_GRACE)
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _next_wake(self) -> float:
+        now = time.monotonic()
+        wake = self._next_maintenance
+        for due in self.slot_due.values():
+            wake = min(wake, due)
+        for worker in self.workers.values():
+            if worker.kill_at is not None and not worker.killed:
+                wake = min(wake, worker.kill_at)
+        return min(TICK, max(0.005, wake - now))
+
+    def _shutdown(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        try:
+            self.queue.forget_host(self.host)
+        except RedisError:
+            pass
+        if self.status_file:
+            try:
+                os.unlink(self.status_file)
+            except OSError:
+                pass
+        taken, finished, max_tasks = self.scoreboard.totals()
+        total = sum(self.scoreboard.get(slot, "processed") for slot in range(self.scoreboard.slots))
+        log.info("workerpool stopped (%s); %s task(s) finished%s", self.stop_reason or "done",
+                 finished if max_tasks else total,
+                 f" of max_tasks {max_tasks}" if max_tasks else "")
+        self._client.close()
+
+    # --- workers
+
+    def _active(self) -> list[WorkerProcess]:
+        return [worker for worker in self.workers.values() if not worker.retiring]
+
+    def _manage(self) -> None:
+        if self.scoreboard.budget_spent():
+            self.begin_drain("max_tasks reached")
+            return
+        # A worker that started draining by itself (recycling) is replaced at once.
+        for worker in self._active():
+            if self.scoreboard.get(worker.slot, "state") == DRAINING:
+                worker.retiring = True
+                worker.kill_at = time.monotonic() + self.config.drain_timeout + KILL_GRACE
+        self._continue_reload()
+        active = self._active()
+        if len(active) > self.target:
+            for worker in sorted(active, key=lambda w: w.slot, reverse=True)[
+                : len(active) - self.target
+            ]:
+                self._retire(worker, "scaling down")
+        missing = self.target - len(active)
+        now = time.monotonic()
+        while missing > 0:
+            slot = self._free_slot(now)
+            if slot is None:
+                break
+            self._spawn(slot)
+            missing -= 1
+        if not self.ready_sent and self._all_running():
+            self.ready_sent = True
+            sdnotify.notify("READY=1\nSTATUS=" + self._status_line())
+            log.info("%d worker(s) running", len(self._active()))
+
+    def _all_running(self) -> bool:
+        active = self._active()
+        return len(active) >= self.target and all(
+            self.scoreboard.get(w.slot, "state") != STARTING for w in active
+        )
+
+    def _free_slot(self, now: float) -> int | None:
+        used = {worker.slot for worker in self.workers.values()}
+        for slot in range(self.scoreboard.slots):
+            if slot not in used and self.slot_due.get(slot, 0.0) <= now:
+                return slot
+        return None
+
+    def _spawn(self, slot: int) -> None:
+        self.slot_due.pop(slot, None)
+        config = self.config
+        parent = self.pid
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_DFL)
+                name = str(slot + 1)
+                set_process_name(f"worker {name}")
+                random.seed()
+                code = run_worker(config, self.handler, self.scoreboard, slot, name=name,
+                                  list_id=f"{name}-{os.getpid()}", parent_pid=parent)
+            except BaseException:  # noqa: BLE001 - a worker must never return into the loop
+                log.exception("worker %d crashed", slot + 1)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.scoreboard.claim_slot(slot, pid, 0)
+        self.workers[pid] = WorkerProcess(slot, pid, time.monotonic())
+        log.info("worker %d started (pid %d)", slot + 1, pid)
+
+    def _retire(self, worker: WorkerProcess, why: str) -> None:
+        if worker.retiring and worker.kill_at is not None:
+            return
+        worker.retiring = True
+        worker.kill_at = time.monotonic() + self.config.drain_timeout + KILL_GRACE
+        log.info("stopping worker %s (pid %d): %s", worker.name, worker.pid, why)
+        self._kill(worker.pid, signal.SIGTERM)
+
+    def _kill(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._worker_exited(worker, status)
+
+    def _worker_exited(self, worker: WorkerProcess, status: int) -> None:
+        now = time.monotonic()
+        lifetime = now - worker.started
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        # A hung worker counts as a crash; one we killed for stopping does not.
+        killed_by_us = worker.killed in ("late", "now")
+        if os.WIFSIGNALED(status):
+            how = f"was killed by {_SIGNAL_NAMES.get(os.WTERMSIG(status), os.WTERMSIG(status))}"
+        else:
+            how = f"exited with code {os.WEXITSTATUS(status)}"
+        # The dead worker's tasks go back before anything replaces it. A death that was not
+        # our doing counts as a delivery of each task it held (poison-pill detection).
+        count = not clean and not killed_by_us
+        self._requeue_list(worker, count_delivery=count)
+        self.scoreboard.reclaim(worker.slot)
+        self.scoreboard.clear_slot(worker.slot)
+        if worker.pid in self.pending_reload:
+            self.pending_reload.remove(worker.pid)
+        if clean:
+            log.info("worker %s (pid %d) %s", worker.name, worker.pid, how)
+            return
+        log.error("worker %s (pid %d) %s after %.1fs", worker.name, worker.pid, how, lifetime)
+        if self.stopping or killed_by_us:
+            return
+        backoff = self.slot_backoff.get(worker.slot, BACKOFF_MIN)
+        if lifetime >= STABLE_AFTER:
+            backoff = BACKOFF_MIN
+        self.slot_due[worker.slot] = now + backoff
+        self.slot_backoff[worker.slot] = min(backoff * 2, BACKOFF_MAX)
+        self.crashes = [t for t in self.crashes if now - t < self.config.crash_window]
+        self.crashes.append(now)
+        if len(self.crashes) > self.config.crash_limit:
+            raise CrashLoop(f"crash loop: {len(self.crashes)} worker deaths within "
+                            f"crash_window {self.config.crash_window:g}s "
+                            f"(crash_limit {self.config.crash_limit})")
+        log.info("restarting worker %s in %.1fs", worker.name, backoff)
+
+    def _requeue_list(self, worker: WorkerProcess, *, count_delivery: bool) -> None:
+        key = self.queue.keys.processing(self.host, worker.list_id)
+        for attempt in range(50):
+            try:
+                requeued, dead = self.queue.requeue(key, self.config.max_deliveries,
+                                                    count_delivery)
+                break
+            except RedisError as exc:
+                if attempt == 0:
+                    log.error("redis unavailable while requeueing worker %s's tasks (%s); "
+                              "retrying", worker.name, exc)
+                time.sleep(0.2)
+        else:
+            log.error("could not requeue %s; the orphan sweep will retry", key)
+            return
+        if requeued:
+            log.warning("requeued %d task(s) of worker %s", requeued, worker.name)
+        if dead:
+            log.error("dead-lettered %d task(s) that killed their worker %d times",
+                      dead, self.config.max_deliveries)
+
+    def _murder(self) -> None:
+        now = time.monotonic()
+        timeout = self.config.worker_timeout
+        for worker in list(self.workers.values()):
+            if worker.killed:
+                continue  # SIGKILL sent; reaping follows
+            if worker.kill_at is not None and now >= worker.kill_at:
+                log.warning("worker %s (pid %d) did not stop in time: killing it",
+                            worker.name, worker.pid)
+                worker.killed = "late"
+                self._kill(worker.pid, signal.SIGKILL)
+                continue
+            silent = now - self.scoreboard.get(worker.slot, "heartbeat")
+            if silent > timeout:
+                log.error("worker %s (pid %d) silent for %.1fs (worker_timeout %gs): killing it",
+                          worker.name, worker.pid, silent, timeout)
+                worker.killed = "hung"
+                self._kill(worker.pid, signal.SIGKILL)
+
+    def _wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.workers and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+
+    # --- stopping and reloading
+
+    def begin_drain(self, reason: str) -> None:
+        """Stop taking tasks; workers finish in-flight ones within drain_timeout."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        in_flight = sum(self.scoreboard.get(w.slot, "in_flight") for w in self.workers.values())
+        log.info("%s: draining %d worker(s), %d task(s) in flight (drain_timeout %gs)",
+                 reason, len(self.workers), in_flight, self.config.drain_timeout)
+        sdnotify.notify("STOPPING=1")
+        for worker in self.workers.values():
+            worker.retiring = True
+            worker.kill_at = time.monotonic() + self.config.drain_timeout + KILL_GRACE
+            self._kill(worker.pid, signal.SIGTERM)
+
+    def stop_now(self, reason: str) -> None:
+        """Kill every worker now; their tasks go back to the queue."""
+        self.stopping = True
+        self.stop_reason = self.stop_reason or reason
+        log.warning("%s: stopping now, in-flight tasks go back to the queue", reason)
+        for worker in self.workers.values():
+            worker.retiring = True
+            worker.killed = "now"
+            self._kill(worker.pid, signal.SIGKILL)
+
+    def reload(self) -> None:
+        """Re-read the config and replace the workers one at a time."""
+        if self.reload_config is None:
+            log.warning("SIGHUP: nothing to reload from")
+            return
+        try:
+            config = self.reload_config()
+            handler = load_handler(config) if config.handler != self.config.handler else None
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded, keeping the old one: %s", exc)
+            return
+        if handler is not None:
+            self.handler = handler
+        redis_changed = (config.redis_url, config.redis_key, config.redis_mode) != (
+            self.config.redis_url, self.config.redis_key, self.config.redis_mode)
+        self.config = config
+        self.target = config.workers
+        if redis_changed:
+            self._client.close()
+            self._client = sync_client(config)
+            self.queue = SyncQueue(self._client, config.redis_key)
+        self.pending_reload = [worker.pid for worker in self._active()]
+        log.info("SIGHUP: config reloaded; replacing %d worker(s) one at a time",
+                 len(self.pending_reload))
+
+    def _continue_reload(self) -> None:
+        # One replacement at a time: the new worker must be running before the old one goes.
+        while self.pending_reload:
+            old = self.workers.get(self.pending_reload[0])
+            if old is None or old.retiring:
+                self.pending_reload.pop(0)
+                continue
+            break
+        if not self.pending_reload:
+            return
+        starting = [w for w in self._active() if w.pid not in self.pending_reload
+                    and self.scoreboard.get(w.slot, "state") == STARTING]
+        if starting:
+            return
+        old = self.workers[self.pending_reload.pop(0)]
+        slot = self._free_slot(time.monotonic())
+        if slot is None:
+            return
+        self._spawn(slot)
+        self._retire(old, "replaced after reload")
+
+    # --- once a second
+
+    def _maintenance(self) -> None:
+        now = time.time()
+        try:
+            self.queue.move_due_retries(now)
+            self.queue.heartbeat(self.host, self._host_status(), ttl=self.config.host_timeout * 2)
+            if time.monotonic() >= self._next_orphan_sweep:
+                self._next_orphan_sweep = time.monotonic() + ORPHAN_SWEEP_PERIOD
+                self._sweep_orphans()
+                self._requeue_silent_hosts(now)
+            if self._redis_error_logged:
+                log.warning("redis reachable again")
+                self._redis_error_logged = False
+        except RedisError as exc:
+            if not self._redis_error_logged:
+                log.error("redis unavailable at %s (%s); workers keep retrying",
+                          mask_url(self.config.redis_url), exc)
+                self._redis_error_logged = True
+        self._write_status()
+        line = self._status_line()
+        setproctitle(f"workerpool: supervisor [{self.config.redis_key}] {line}")
+        sdnotify.notify("STATUS=" + line)
+        if self._watchdog is not None:
+            sdnotify.notify("WATCHDOG=1")
+
+    def _sweep_orphans(self) -> None:
+        """Requeue this host's processing lists whose worker process is gone."""
+        try:
+            keys = self.queue.processing_lists(self.host)
+        except RedisError as exc:
+            log.error("redis unavailable at %s: %s", mask_url(self.config.redis_url), exc)
+            return
+        live = {w.list_id for w in self.workers.values()}
+        for key in keys:
+            _, list_id = self.queue.keys.processing_owner(key)
+            if list_id in live or _pid_alive(list_id):
+                continue
+            requeued, dead = self.queue.requeue(key.decode(), self.config.max_deliveries, True)
+            if requeued or dead:
+                log.warning("requeued %d orphaned task(s) from %s (%d dead-lettered)",
+                            requeued, key.decode(), dead)
+
+    def _requeue_silent_hosts(self, now: float) -> None:
+        for host in self.queue.silent_hosts(now - self.config.host_timeout):
+            if host == self.host:
+                continue
+            moved = self.queue.requeue_host(host, self.config.max_deliveries)
+            self.queue.forget_host(host)
+            log.warning("host %s silent for over %gs: requeued %d of its task(s)",
+                        host, self.config.host_timeout, moved)
+
+    def _status_line(self) -> str:
+        active = self._active()
+        in_flight = sum(self.scoreboard.get(w.slot, "in_flight") for w in self.workers.values())
+        done = sum(self.scoreboard.get(w, "processed") for w in range(self.scoreboard.slots))
+        taken, finished, max_tasks = self.scoreboard.totals()
+        line = f"{len(active)} workers, {in_flight} in flight, done={done}"
+        if max_tasks:
+            line += f", max_tasks {finished}/{max_tasks}"
+        if self.stopping:
+            line += ", draining"
+        return line
+
+    def status(self) -> dict[str, Any]:
+        """The supervisor's view for `workerpool status`."""
+        now = time.monotonic()
+        workers = []
+        for worker in sorted(self.workers.values(), key=lambda w: w.slot):
+            view = self.scoreboard.slot(worker.slot)
+            workers.append({
+                "worker": worker.name,
+                "pid": worker.pid,
+                "state": "retiring" if worker.retiring and view.state_name not in (
+                    "draining", "stopped") else view.state_name,
+                "processed": view.processed,
+                "failed": view.failed,
+                "in_flight": view.in_flight,
+                "busy_for": round(now - view.busy_since, 3) if view.in_flight else 0.0,
+                "uptime": round(now - worker.started, 1),
+                "heartbeat_age": round(now - view.heartbeat, 3),
+            })
+        taken, finished, max_tasks = self.scoreboard.totals()
+        return {
+            "pid": self.pid,
+            "host": self.host,
+            "started_at": self.started_at,
+            "uptime": round(time.time() - self.started_at, 1),
+            "redis_url": mask_url(self.config.redis_url),
+            "redis_key": self.config.redis_key,
+            "target_workers": self.target,
+            "concurrency": self.config.concurrency,
+            "state": "draining" if self.stopping else "running",
+            "max_tasks": max_tasks,
+            "taken": taken if max_tasks else None,
+            "finished": finished if max_tasks else None,
+            "processed": sum(w["processed"] for w in workers),
+            "workers": workers,
+            "updated_at": time.time(),
+        }
+
+    def _host_status(self) -> bytes:
+        return json.dumps(self.status()).encode()
+
+    def _write_status(self) -> None:
+        if not self.status_file:
+            return
+        try:
+            write_json_atomic(self.status_file, self.status())
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+            log.warning("cannot write status file %s: %s", self.status_file, exc)
+            self.status_file = None
+
+
+def _pid_alive(list_id: str) -> bool:
+    _, _, pid_text = list_id.rpartition("-")
+    if not pid_text.isdigit():
+        return True  # not a supervised worker's list (a standalone worker's): not ours
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_redis(config: Config) -> str | None:
+    """None if Redis answers, else a one-line error naming the (masked) URL."""
+    client = sync_client(config)
+    try:
+        client.ping()
+    except RedisError as exc:
+        return f"cannot connect to redis at {mask_url(config.redis_url)}: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run `workerpool start --foreground` instead")
