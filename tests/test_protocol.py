@@ -402,11 +402,13 @@ def test_requeue_host_and_processing_lists(queue, redis_client):
     assert queue.counts() == {"pending": 5, "processing": 1, "retry": 0, "dead": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="REQUEUE's cjson.encode copies the raw bytes into the "
-                   "entry unchecked: the entry is not valid JSON, so revive/dead list fail")
-def test_requeue_of_a_non_utf8_poison_pill(queue, processing, redis_client):
+@pytest.mark.parametrize("raw", [
+    b'\xff\xfe{"type":"x"}',  # not UTF-8 at all
+    b'{"type":"\xed\xa0\x80"}',  # an encoded surrogate: not UTF-8 either
+    '{"type":"caf\u00e9 \u2603 \U0001f600"}'.encode(),  # valid multi-byte UTF-8 stays text
+])
+def test_requeue_of_a_non_utf8_poison_pill(queue, processing, redis_client, raw):
     """The max_deliveries entry written by Lua must keep a task that is not UTF-8."""
-    raw = b'\xff\xfe{"type":"x"}'
     queue.enqueue_many([raw])
     assert queue.take(processing, 1) == [raw]
     assert queue.requeue(processing, max_deliveries=1) == (0, 1)
@@ -414,6 +416,11 @@ def test_requeue_of_a_non_utf8_poison_pill(queue, processing, redis_client):
     entry = json.loads(entry_raw)  # a dead entry is JSON, i.e. UTF-8
     assert entry["reason"] == "max_deliveries"
     assert dead_entry_task(entry) == raw
+    try:
+        raw.decode("utf-8")
+        assert entry["task"] == raw.decode("utf-8")
+    except UnicodeDecodeError:
+        assert entry["task"] == "(not UTF-8)"
     assert queue.revive(entry_raw) is True
     assert redis_client.lrange(Q, 0, -1) == [raw]
 

@@ -121,6 +121,8 @@ def dead_entry_task(entry: dict[str, Any]) -> bytes:
     """The original raw task of a decoded dead-letter entry."""
     if "task_base64" in entry:
         return base64.b64decode(entry["task_base64"])
+    if "task_hex" in entry:  # written by the REQUEUE script, which has no base64
+        return bytes.fromhex(entry["task_hex"])
     return str(entry["task"]).encode("utf-8")
 
 
@@ -244,6 +246,29 @@ return #due
 # Empties a processing list back to the head of the queue; a task whose deliveries reach
 # max_deliveries goes to the dead list instead. Returns {requeued, dead}.
 REQUEUE = """
+local function valid_utf8(text)
+  local i, n = 1, #text
+  while i <= n do
+    local c = string.byte(text, i)
+    local len, low, high = 1, 0x80, 0xBF
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then low = 0xA0 elseif c == 0xED then high = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then low = 0x90 elseif c == 0xF4 then high = 0x8F end
+    else return false end
+    for j = i + 1, i + len - 1 do
+      local d = string.byte(text, j)
+      if not d or d < low or d > high then return false end
+      low, high = 0x80, 0xBF
+    end
+    i = i + len
+  end
+  return true
+end
 local limit = tonumber(ARGV[1])
 local count = tonumber(ARGV[2])
 local requeued, dead = 0, 0
@@ -259,12 +284,14 @@ while true do
     local entry = {task = raw, reason = 'max_deliveries',
       error = 'its worker died ' .. deliveries .. ' times while running it',
       failed_at = tonumber(ARGV[3]), attempts = deliveries, host = ARGV[4], worker = ARGV[5]}
-    local ok, text = pcall(cjson.encode, entry)
-    if not ok then
+    if not valid_utf8(raw) then
+      -- JSON cannot hold these bytes: keep them exactly, hex-encoded.
       entry.task = '(not UTF-8)'
-      text = cjson.encode(entry)
+      entry.task_hex = (raw:gsub('.', function(ch)
+        return string.format('%02x', string.byte(ch))
+      end))
     end
-    redis.call('LPUSH', KEYS[3], text)
+    redis.call('LPUSH', KEYS[3], cjson.encode(entry))
     dead = dead + 1
   else
     redis.call('RPUSH', KEYS[2], raw)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import inspect
@@ -49,34 +50,6 @@ except ImportError:  # pragma: no cover - a hard dependency, but titles are cosm
 
     def setproctitle(title: str) -> None:
         return None
-
-
-def _timeout_scope(seconds: float) -> Any:
-    """asyncio.timeout on Python 3.11+, a small equivalent on 3.10."""
-    if hasattr(asyncio, "timeout"):
-        return asyncio.timeout(seconds)
-    return _LegacyTimeout(seconds)  # pragma: no cover - Python 3.10 only
-
-
-class _LegacyTimeout:  # pragma: no cover - Python 3.10 only
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    async def __aenter__(self) -> None:
-        task = asyncio.current_task()
-        self._expired = False
-
-        def expire() -> None:
-            self._expired = True
-            task.cancel()
-
-        self._handle = asyncio.get_running_loop().call_later(self.seconds, expire)
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self._handle.cancel()
-        if self._expired and exc_type is asyncio.CancelledError:
-            raise TimeoutError
-        return False
 
 
 def _is_async(handler: Callable[..., Any]) -> bool:
@@ -130,6 +103,10 @@ class Worker:
         self.held: dict[int, bytes] = {}
         self._delivery_seq = 0
         self._running: dict[int, asyncio.Task] = {}
+        self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self._timed_out: set[int] = set()
+        self._timeout_timer: asyncio.TimerHandle | None = None
+        self._new_task = self._task_factory()
         self._pending = Settlement()
         self._pending_counts = [0, 0, 0]  # finished, returned, failed in self._pending
         self._writing: Settlement | None = None  # the settlement _flush is writing now
@@ -299,8 +276,7 @@ class Worker:
                 continue
             if len(items) < granted:
                 scoreboard.release(index, granted - len(items))
-            for raw in items:
-                self._start(raw)
+            self._start_batch(items)
 
     async def _wait_for_slot(self, timeout: float = 1.0) -> None:
         self._slot_freed.clear()
@@ -329,73 +305,114 @@ class Worker:
 
     # --- running tasks
 
-    def _start(self, raw: bytes) -> None:
-        self._delivery_seq += 1
-        delivery = self._delivery_seq
-        self.held[delivery] = raw
-        try:
-            task = decode_task(raw, self.config.max_payload_bytes)
-        except InvalidTask as exc:
-            log.warning("invalid task dead-lettered (%s): %s", exc.reason, _short(raw))
-            entry = protocol.dead_entry(raw, exc.reason, exc.detail, 0, self.host, self.name)
-            self._pending.dead(raw, entry)
-            self._settled(delivery, finished=True, failed=True)
-            return
-        self.in_flight += 1
-        if self.in_flight == 1:
+    def _task_factory(self) -> Callable[[Any], asyncio.Task]:
+        """Start handler runs eagerly where asyncio can (3.12+): a handler that finishes
+        without waiting never goes through the scheduler."""
+        if sys.version_info >= (3, 12):
+            def eager(coro: Any) -> asyncio.Task:
+                return asyncio.Task(coro, loop=self.loop, eager_start=True)
+
+            return eager
+        return lambda coro: self.loop.create_task(coro)
+
+    def _start_batch(self, items: list[bytes]) -> None:
+        """Start one handler run per taken raw (dead-letter the ones that are not tasks)."""
+        held = self.held
+        running = self._running
+        max_payload = self.config.max_payload_bytes
+        run = self._run
+        new_task = self._new_task
+        timeout = self.config.task_timeout
+        deadline = time.monotonic() + timeout
+        if self.in_flight == 0:
             self.scoreboard.set(self.index, "busy_since", time.monotonic())
             self.scoreboard.set(self.index, "state", BUSY)
+        for raw in items:
+            self._delivery_seq += 1
+            delivery = self._delivery_seq
+            held[delivery] = raw
+            try:
+                task = decode_task(raw, max_payload)
+            except InvalidTask as exc:
+                log.warning("invalid task dead-lettered (%s): %s", exc.reason, _short(raw))
+                entry = protocol.dead_entry(raw, exc.reason, exc.detail, 0, self.host, self.name)
+                self._pending.dead(raw, entry)
+                self._settled(delivery, finished=True, failed=True)
+                continue
+            self.in_flight += 1
+            if timeout:
+                self._deadlines.append((deadline, delivery))
+            running_task = new_task(run(delivery, raw, task))
+            if not running_task.done():
+                running[delivery] = running_task
+        if timeout and self._deadlines and self._timeout_timer is None:
+            self._timeout_timer = self.loop.call_at(
+                self._loop_time(self._deadlines[0][0]), self._expire_timeouts)
         self.scoreboard.set(self.index, "in_flight", self.in_flight)
-        self._running[delivery] = self.loop.create_task(self._run(delivery, raw, task))
 
-    async def _call_handler(self, task: dict) -> Any:
-        if self.handler_is_async:
-            return await self.handler(task)
+    def _loop_time(self, monotonic: float) -> float:
+        return self.loop.time() + (monotonic - time.monotonic())
+
+    def _expire_timeouts(self) -> None:
+        # One timer for all tasks: deadlines come in start order, since every task has the
+        # same task_timeout. Much cheaper than a timeout scope per task.
+        self._timeout_timer = None
+        deadlines = self._deadlines
+        now = time.monotonic()
+        while deadlines and deadlines[0][0] <= now:
+            _, delivery = deadlines.popleft()
+            running_task = self._running.get(delivery)
+            if running_task is not None and not running_task.done():
+                self._timed_out.add(delivery)
+                running_task.cancel()
+        if deadlines:
+            self._timeout_timer = self.loop.call_at(self._loop_time(deadlines[0][0]),
+                                                    self._expire_timeouts)
+
+    async def _call_sync_handler(self, task: dict) -> None:
         result = await self.loop.run_in_executor(self._executor, self.handler, task)
         if inspect.isawaitable(result):
-            result = await result
-        return result
+            await result
 
     async def _run(self, delivery: int, raw: bytes, task: dict) -> None:
-        timeout = self.config.task_timeout
-        error: BaseException | None = None
         if self._log_tasks:
             log.info("processing task: %s", _short(task))
         try:
-            if timeout:
-                async with _timeout_scope(timeout):
-                    await self._call_handler(task)
+            if self.handler_is_async:
+                await self.handler(task)
             else:
-                await self._call_handler(task)
+                await self._call_sync_handler(task)
         except asyncio.CancelledError:
-            # Cancelled at drain_timeout: the task stays in the processing list and is given
-            # back by the final requeue.
-            self._finish_running(delivery)
-            self.held.pop(delivery, None)
-            self.scoreboard.release(self.index, 1)
-            raise
-        except TimeoutError:
-            error = TimeoutError(f"timed out after {timeout:g}s")
+            if delivery in self._timed_out:
+                self._timed_out.discard(delivery)
+                error: BaseException = TimeoutError(
+                    f"timed out after {self.config.task_timeout:g}s")
+            else:
+                # Cancelled at drain_timeout: the task stays in the processing list and is
+                # given back by the final requeue.
+                self._finish_running(delivery)
+                self.held.pop(delivery, None)
+                self.scoreboard.release(self.index, 1)
+                raise
         except Exception as exc:  # noqa: BLE001 - any handler failure is recorded, never fatal
             error = exc
-        self._finish_running(delivery)
-        if error is None:
-            self._pending.ack(raw)
+        else:
+            self._finish_running(delivery)
+            self._pending.acks.append(raw)
             self._settled(delivery, finished=True, failed=False)
             self.succeeded += 1
             if self._log_tasks:
                 log.info("task done: %s", _short(task))
                 log.info("processed task #%d", self.succeeded)
-        else:
-            self._fail(delivery, raw, task, error)
+            return
+        self._finish_running(delivery)
+        self._fail(delivery, raw, task, error)
 
     def _finish_running(self, delivery: int) -> None:
         self._running.pop(delivery, None)
         self.in_flight -= 1
-        scoreboard = self.scoreboard
-        scoreboard.set(self.index, "in_flight", self.in_flight)
         if self.in_flight == 0:
-            scoreboard.set(self.index, "state", DRAINING if self.stopping else IDLE)
+            self.scoreboard.set(self.index, "state", DRAINING if self.stopping else IDLE)
         self._slot_freed.set()
 
     def _fail(self, delivery: int, raw: bytes, task: dict, error: BaseException) -> None:
@@ -475,6 +492,7 @@ class Worker:
 
     def _record_settled(self, finished: int, returned: int, failed: int) -> None:
         scoreboard = self.scoreboard
+        scoreboard.set(self.index, "in_flight", self.in_flight)
         scoreboard.finish(self.index, finished)
         scoreboard.release(self.index, returned)
         self.processed += finished
