@@ -423,7 +423,11 @@ class SyncQueue(_Base):
         self.enqueue_many([task], wait_replicas=wait_replicas)
 
     def enqueue_many(
-        self, tasks: Iterable[dict[str, Any] | bytes], wait_replicas: int = 0, chunk: int = 1000
+        self,
+        tasks: Iterable[dict[str, Any] | bytes],
+        wait_replicas: int = 0,
+        chunk: int = 1000,
+        wait_timeout: float = 10.0,
     ) -> int:
         """Push many tasks in pipelined chunks; returns how many were pushed."""
         pushed = 0
@@ -431,13 +435,10 @@ class SyncQueue(_Base):
             self.client.lpush(self.keys.queue, *batch)
             pushed += len(batch)
         if wait_replicas:
-            self._wait(wait_replicas)
+            acknowledged = self.client.execute_command(
+                "WAIT", wait_replicas, int(wait_timeout * 1000))
+            _check_replicas(acknowledged, wait_replicas)
         return pushed
-
-    def _wait(self, replicas: int) -> None:
-        acknowledged = self.client.execute_command("WAIT", replicas, 10000)
-        if int(acknowledged) < replicas:
-            raise TimeoutError(f"only {acknowledged} of {replicas} replicas acknowledged the write")
 
     def take(self, processing: str, count: int) -> list[bytes]:
         """Move up to `count` oldest tasks to a processing list; oldest first."""
@@ -561,7 +562,11 @@ class AsyncQueue(_Base):
         return await script(keys=keys, args=args)
 
     async def enqueue_many(
-        self, tasks: Iterable[dict[str, Any] | bytes], wait_replicas: int = 0, chunk: int = 1000
+        self,
+        tasks: Iterable[dict[str, Any] | bytes],
+        wait_replicas: int = 0,
+        chunk: int = 1000,
+        wait_timeout: float = 10.0,
     ) -> int:
         """Push many tasks in chunks; returns how many were pushed."""
         pushed = 0
@@ -569,11 +574,9 @@ class AsyncQueue(_Base):
             await self.client.lpush(self.keys.queue, *batch)
             pushed += len(batch)
         if wait_replicas:
-            acknowledged = await self.client.execute_command("WAIT", wait_replicas, 10000)
-            if int(acknowledged) < wait_replicas:
-                raise TimeoutError(
-                    f"only {acknowledged} of {wait_replicas} replicas acknowledged the write"
-                )
+            acknowledged = await self.client.execute_command(
+                "WAIT", wait_replicas, int(wait_timeout * 1000))
+            _check_replicas(acknowledged, wait_replicas)
         return pushed
 
     async def take(self, processing: str, count: int) -> list[bytes]:
@@ -604,6 +607,13 @@ class AsyncQueue(_Base):
 
     async def release_unknown(self, processing: str, known: Sequence[bytes]) -> int:
         return int(await self._call(self._release_call(processing, known)))
+
+
+def _check_replicas(acknowledged: Any, wanted: int) -> None:
+    # The tasks are queued either way; the caller learns they may not survive a failover.
+    if int(acknowledged) < wanted:
+        raise TimeoutError(f"only {acknowledged} of {wanted} replicas acknowledged the write "
+                           "(the tasks are queued on the master)")
 
 
 def _raw(task: dict[str, Any] | bytes | str) -> bytes:
