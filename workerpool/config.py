@@ -392,11 +392,14 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     search: bool = True,
+    settings: Mapping[str, Any] | None = None,
+    settings_name: str = "settings",
 ) -> Config:
     """Build the Config from file, environment and command-line overrides.
 
     `overrides` maps attribute names to raw strings (or already-typed values) from the command
     line; None values are ignored. With search=False only an explicit path is read.
+    `settings` (e.g. Django's settings.WORKERPOOL) sits between the file and the environment.
     """
     environ = os.environ if environ is None else environ
     file_path = find_config_file(path, environ) if search else path
@@ -421,6 +424,18 @@ def load_config(
                 where = f"{file_path} [{section}]"
                 values[option.attr] = _parse(option, raw, where)
                 origins[option.attr] = where
+
+    for attr, raw in (settings or {}).items():
+        option = _BY_ATTR.get(attr)
+        if option is None:
+            raise ConfigError(f"{settings_name}: unknown key {attr!r}; allowed keys: "
+                              + ", ".join(sorted(_BY_ATTR)))
+        if raw is None:
+            continue
+        text = ", ".join(f"{h}:{p}" for h, p in raw) if attr == "sentinels" and not isinstance(
+            raw, str) else str(raw).lower() if isinstance(raw, bool) else str(raw)
+        values[attr] = _parse(option, text, f"{settings_name}[{attr!r}]:")
+        origins[attr] = settings_name
 
     for option in OPTIONS:
         raw = environ.get(option.env_name)

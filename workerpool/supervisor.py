@@ -81,8 +81,14 @@ class Supervisor:
         *,
         reload_config: Callable[[], Config] | None = None,
         status_file: str | None = None,
+        before_fork: Callable[[], None] | None = None,
+        after_fork: Callable[[], None] | None = None,
     ) -> None:
+        """`before_fork` runs in the supervisor before each fork (close database connections
+        there), `after_fork` in each new worker before its loop starts (e.g. django.setup())."""
         self.config = config
+        self.before_fork = before_fork
+        self.after_fork = after_fork
         self.handler = handler
         self.reload_config = reload_config
         self.status_file = status_file
@@ -273,6 +279,8 @@ class Supervisor:
         self.slot_due.pop(slot, None)
         config = self.config
         parent = self.pid
+        if self.before_fork is not None:
+            self.before_fork()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 1
@@ -285,6 +293,8 @@ class Supervisor:
                 name = str(slot + 1)
                 set_process_name(f"worker {name}")
                 random.seed()
+                if self.after_fork is not None:
+                    self.after_fork()
                 code = run_worker(config, self.handler, self.scoreboard, slot, name=name,
                                   list_id=f"{name}-{os.getpid()}", parent_pid=parent)
             except BaseException:  # noqa: BLE001 - a worker must never return into the loop
