@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 
@@ -19,7 +20,9 @@ _client: redis.Redis | None = None
 def workerpool_setup(config) -> None:
     """Connect after fork, as every worker must."""
     global _client
-    _client = redis.Redis.from_url(config.redis_url)
+    from workerpool.connection import sync_client
+
+    _client = sync_client(config)  # any redis_url the pool accepts: embedded, TLS, unix...
 
 
 def _redis() -> redis.Redis:
@@ -112,3 +115,27 @@ async def file_record(task: dict) -> None:
     await asyncio.sleep(float(task["data"].get("seconds", 0)))
     with open(task["data"]["file"], "a", encoding="utf-8") as handle:
         handle.write(f"{task.get('id')}\n")
+
+
+# --- handlers for tests/test_supervisor.py
+
+
+async def jitter(task: dict) -> None:
+    """Take 1-5 ms without blocking the loop, then succeed (load for chaos tests)."""
+    await asyncio.sleep(random.uniform(0.001, 0.005))
+    _mark("done", task)
+
+
+# --- handlers for the multi-host tests (tests/redis_topologies.py): they touch no Redis, so
+# they work unchanged on a Cluster, behind Sentinel, over TLS and as a restricted ACL user.
+
+
+async def file_stamp(task: dict) -> None:
+    """Sleep data.seconds, then append "<id> <start> <end> <pid>" to the file data.file
+    (one short O_APPEND write: lines from many workers never interleave)."""
+    start = time.time()
+    seconds = float(task["data"].get("seconds", 0))
+    if seconds:
+        await asyncio.sleep(seconds)
+    with open(task["data"]["file"], "a", encoding="utf-8") as handle:
+        handle.write(f"{task.get('id')} {start!r} {time.time()!r} {os.getpid()}\n")

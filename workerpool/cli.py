@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from workerpool import daemon
+from workerpool import daemon, embedded
 from workerpool.config import (
     Config,
     ConfigError,
@@ -26,7 +26,7 @@ from workerpool.config import (
     mask_url,
     warn_if_secret_readable,
 )
-from workerpool.connection import sync_client
+from workerpool.connection import redis_url, sync_client
 from workerpool.logs import setup_logging
 from workerpool.protocol import SyncQueue, new_task
 
@@ -65,6 +65,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _queue(config: Config) -> SyncQueue:
+    if config.redis_url == "embedded" and not embedded.is_running(config):
+        raise CommandError(f"the embedded redis ({embedded.socket_path(config)}) runs only "
+                           "while the pool runs: `workerpool start` first")
     return SyncQueue(sync_client(config), config.redis_key)
 
 
@@ -85,6 +88,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     warning = warn_if_secret_readable(config)
     if warning:
         _err(f"warning: {warning}")
+    if config.redis_url == "embedded" and embedded.start(config):
+        _say(f"started embedded redis on {embedded.socket_path(config)}")
     problem = check_redis(config)
     if problem:
         raise CommandError(problem)
@@ -130,6 +135,9 @@ def cmd_start(args: argparse.Namespace) -> int:
                                 status_file=status_file)
         return supervisor.run()
     finally:
+        # The embedded server goes last, after every worker has written its results.
+        if config.redis_url == "embedded":
+            embedded.stop(config)
         if pidfile is not None:
             pidfile.release()
 
@@ -172,7 +180,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def _queue_counts(config: Config) -> dict[str, Any]:
     try:
-        queue = _queue(config)
+        try:
+            queue = _queue(config)
+        except CommandError as exc:
+            return {"error": str(exc)}
         try:
             return queue.counts()
         finally:
@@ -192,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         report["supervisor"] = daemon.read_json(daemon.status_path(config.pidfile))
     report["queue"] = _queue_counts(config)
     report["redis_key"] = config.redis_key
-    report["redis_url"] = mask_url(config.redis_url)
+    report["redis_url"] = mask_url(redis_url(config))
     if args.all_hosts:
         report["hosts"] = _all_hosts(config)
     if args.json:
@@ -516,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except RedisError as exc:
         _err(f"redis error: {exc}")
+        return EXIT_FAILURE
+    except embedded.EmbeddedRedisError as exc:
+        _err(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
