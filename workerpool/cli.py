@@ -114,8 +114,16 @@ def cmd_start(args: argparse.Namespace) -> int:
     else:
         log_file = config.log_file or os.path.join(
             os.path.dirname(os.path.abspath(config.pidfile)), "workerpool.log")
-        if as_root:
-            daemon.prepare_paths(config.pidfile, log_file, uid, gid)
+        # After the fork stderr is /dev/null: a log file the daemon could not open would make
+        # it die unseen after we said it started. Create its directory and check it here.
+        try:
+            daemon.prepare_paths(config.pidfile, log_file, uid, gid)  # chowns only as root
+            if not as_root:
+                with open(log_file, "a", encoding="utf-8"):
+                    pass
+        except OSError as exc:
+            raise CommandError(f"cannot write {exc.filename or log_file}: "
+                               f"{exc.strerror or exc}") from None
         _say(f"starting workerpool in the background; log: {log_file}")
         try:
             daemon.daemonize(pidfile, uid=uid if as_root else None,

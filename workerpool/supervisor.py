@@ -98,6 +98,7 @@ class Supervisor:
         self.slot_backoff: dict[int, float] = {}
         self.slot_due: dict[int, float] = {}  # slot -> monotonic time its restart is allowed
         self.crashes: list[float] = []
+        self.processed_by_exited = 0  # tasks finished by workers whose slot was cleared
         self.stopping = False
         self.stop_reason = ""
         self.exit_code = 0
@@ -204,7 +205,8 @@ class Supervisor:
         now = time.monotonic()
         wake = self._next_maintenance
         for due in self.slot_due.values():
-            wake = min(wake, due)
+            if due > now:  # a past one is spent or unneeded: waking for it would spin
+                wake = min(wake, due)
         for worker in self.workers.values():
             if worker.kill_at is not None and not worker.killed:
                 wake = min(wake, worker.kill_at)
@@ -222,7 +224,7 @@ class Supervisor:
             except OSError:
                 pass
         taken, finished, max_tasks = self.scoreboard.totals()
-        total = sum(self.scoreboard.get(slot, "processed") for slot in range(self.scoreboard.slots))
+        total = self._processed_total()
         log.info("workerpool stopped (%s); %s task(s) finished%s", self.stop_reason or "done",
                  finished if max_tasks else total,
                  f" of max_tasks {max_tasks}" if max_tasks else "")
@@ -251,6 +253,10 @@ class Supervisor:
                 self._retire(worker, "scaling down")
         missing = self.target - len(active)
         now = time.monotonic()
+        # A crashed worker's replacement waits for its slot's backoff: it is on its way, and
+        # must not be started at once in another free slot (that would skip the backoff).
+        used = {worker.slot for worker in self.workers.values()}
+        missing -= sum(1 for slot, due in self.slot_due.items() if due > now and slot not in used)
         while missing > 0:
             slot = self._free_slot(now)
             if slot is None:
@@ -347,6 +353,7 @@ class Supervisor:
         count = not clean and not killed_by_us
         self._requeue_list(worker, count_delivery=count)
         self.scoreboard.reclaim(worker.slot)
+        self.processed_by_exited += self.scoreboard.get(worker.slot, "processed")
         self.scoreboard.clear_slot(worker.slot)
         if worker.pid in self.pending_reload:
             self.pending_reload.remove(worker.pid)
@@ -543,7 +550,7 @@ class Supervisor:
     def _status_line(self) -> str:
         active = self._active()
         in_flight = sum(self.scoreboard.get(w.slot, "in_flight") for w in self.workers.values())
-        done = sum(self.scoreboard.get(w, "processed") for w in range(self.scoreboard.slots))
+        done = self._processed_total()
         taken, finished, max_tasks = self.scoreboard.totals()
         line = f"{len(active)} workers, {in_flight} in flight, done={done}"
         if max_tasks:
@@ -584,10 +591,15 @@ class Supervisor:
             "max_tasks": max_tasks,
             "taken": taken if max_tasks else None,
             "finished": finished if max_tasks else None,
-            "processed": sum(w["processed"] for w in workers),
+            "processed": self._processed_total(),
             "workers": workers,
             "updated_at": time.time(),
         }
+
+    def _processed_total(self) -> int:
+        """Tasks finished since start, by every worker, including those that have exited."""
+        live = sum(self.scoreboard.get(slot, "processed") for slot in range(self.scoreboard.slots))
+        return self.processed_by_exited + live
 
     def _host_status(self) -> bytes:
         return json.dumps(self.status()).encode()
