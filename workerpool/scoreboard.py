@@ -42,6 +42,18 @@ _OFFSET = {name: struct.calcsize("<" + "".join(_SLOT.format[1:][:i])) for i, nam
            enumerate(_FIELDS)}
 _FORMAT = {name: "<" + _SLOT.format[1:][i] for i, name in enumerate(_FIELDS)}
 
+# Per-slot metrics, written by the worker about once a second (single writer): up to
+# TYPE_ROWS task types, each a name and counters, then a histogram of task durations.
+TYPE_ROWS = 32
+TYPE_NAME_BYTES = 40
+TYPE_COUNTERS = ("taken", "succeeded", "failed", "retried", "dead")
+_TYPE_ROW = struct.Struct(f"<{TYPE_NAME_BYTES}s{len(TYPE_COUNTERS)}q")
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0, float("inf"))
+_HISTOGRAM = struct.Struct(f"<{len(DURATION_BUCKETS)}qd")
+_METRICS_SIZE = TYPE_ROWS * _TYPE_ROW.size + _HISTOGRAM.size
+OTHER_TYPES = "(other)"  # where types beyond TYPE_ROWS are counted
+
 FREE, STARTING, IDLE, BUSY, DRAINING, STOPPED = range(6)
 STATE_NAMES = ("free", "starting", "idle", "busy", "draining", "stopped")
 
@@ -72,7 +84,8 @@ class Scoreboard:
 
     def __init__(self, slots: int, max_tasks: int = 0) -> None:
         self.slots = slots
-        self._memory = mmap.mmap(-1, _HEADER_SIZE + slots * _SLOT_SIZE)
+        self._metrics_at = _HEADER_SIZE + slots * _SLOT_SIZE
+        self._memory = mmap.mmap(-1, self._metrics_at + slots * _METRICS_SIZE)
         self._lock_file = tempfile.TemporaryFile(prefix="workerpool-lock-")
         _HEADER.pack_into(self._memory, 0, 0, 0, max_tasks, os.getpid(), time.time())
 
@@ -180,6 +193,39 @@ class Scoreboard:
 
     def clear_slot(self, index: int) -> None:
         _SLOT.pack_into(self._memory, _HEADER_SIZE + index * _SLOT_SIZE, *([0] * len(_FIELDS)))
+        start = self._metrics_at + index * _METRICS_SIZE
+        self._memory[start : start + _METRICS_SIZE] = bytes(_METRICS_SIZE)
+
+    # --- metrics
+
+    def publish_metrics(self, index: int, by_type: dict[str, list[int]],
+                        histogram: list[int], duration_sum: float) -> None:
+        """Write a worker's cumulative counters (by task type) and duration histogram."""
+        start = self._metrics_at + index * _METRICS_SIZE
+        rows = list(by_type.items())
+        if len(rows) > TYPE_ROWS:
+            # Keep the first TYPE_ROWS - 1 types; fold the rest into one row.
+            other = [sum(column) for column in zip(*(c for _, c in rows[TYPE_ROWS - 1 :]),
+                                                   strict=True)]
+            rows = rows[: TYPE_ROWS - 1] + [(OTHER_TYPES, other)]
+        for row, (name, counters) in enumerate(rows):
+            encoded = name.encode("utf-8", "replace")[:TYPE_NAME_BYTES]
+            _TYPE_ROW.pack_into(self._memory, start + row * _TYPE_ROW.size, encoded, *counters)
+        _HISTOGRAM.pack_into(self._memory, start + TYPE_ROWS * _TYPE_ROW.size,
+                             *histogram, duration_sum)
+
+    def read_metrics(self, index: int) -> tuple[dict[str, list[int]], list[int], float]:
+        """A worker's published counters by type, its histogram counts and duration sum."""
+        start = self._metrics_at + index * _METRICS_SIZE
+        by_type: dict[str, list[int]] = {}
+        for row in range(TYPE_ROWS):
+            name, *counters = _TYPE_ROW.unpack_from(self._memory, start + row * _TYPE_ROW.size)
+            if not name.strip(b"\0"):
+                break
+            by_type[name.rstrip(b"\0").decode("utf-8", "replace")] = counters
+        *histogram, duration_sum = _HISTOGRAM.unpack_from(
+            self._memory, start + TYPE_ROWS * _TYPE_ROW.size)
+        return by_type, histogram, duration_sum
 
     def claim_slot(self, index: int, pid: int, generation: int) -> None:
         """Set up a slot for a newly forked worker (called by the supervisor)."""
