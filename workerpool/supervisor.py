@@ -10,6 +10,7 @@ silent hosts and of dead local processes, and writes the status file.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -30,6 +31,7 @@ from workerpool.config import Config, ConfigError, load_handler, mask_url
 from workerpool.connection import sync_client
 from workerpool.daemon import write_json_atomic
 from workerpool.logs import set_process_name
+from workerpool.metrics import MetricsServer, MetricsSnapshot
 from workerpool.protocol import SyncQueue
 from workerpool.scoreboard import DRAINING, STARTING, Scoreboard
 from workerpool.worker import run_worker, setproctitle
@@ -42,6 +44,7 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that lived this long resets its slot's backoff
 KILL_GRACE = 5.0  # after drain_timeout, how long workers get to give back before SIGKILL
 ORPHAN_SWEEP_PERIOD = 5.0
+THROUGHPUT_WINDOW = 60  # seconds over which `status` and `stats` report tasks per second
 
 _SIGNAL_NAMES = {getattr(signal, name): name for name in dir(signal)
                  if name.startswith("SIG") and not name.startswith("SIG_")}
@@ -99,6 +102,10 @@ class Supervisor:
         self.slot_due: dict[int, float] = {}  # slot -> monotonic time its restart is allowed
         self.crashes: list[float] = []
         self.processed_by_exited = 0  # tasks finished by workers whose slot was cleared
+        self.exited_metrics = MetricsSnapshot()  # counters of workers whose slot was cleared
+        self.metrics_server: MetricsServer | None = None
+        self.throughput_samples: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=THROUGHPUT_WINDOW + 5)
         self.stopping = False
         self.stop_reason = ""
         self.exit_code = 0
@@ -155,10 +162,15 @@ class Supervisor:
                     log.info("SIGTTOU ignored: keeping the last worker")
 
     def _sleep(self, timeout: float) -> None:
+        watched: list[Any] = [self._wake_read]
+        if self.metrics_server is not None:
+            watched.append(self.metrics_server)
         try:
-            select.select([self._wake_read], [], [], max(0.0, timeout))
+            readable, _, _ = select.select(watched, [], [], max(0.0, timeout))
         except InterruptedError:
-            pass
+            readable = []
+        if self.metrics_server is not None and self.metrics_server in readable:
+            self.metrics_server.handle()
         try:
             while os.read(self._wake_read, 512):
                 pass
@@ -176,6 +188,20 @@ class Supervisor:
         log.info("redis: %s; redis key: %s; interval: %gs; max tasks: %s",
                  mask_url(self.config.redis_url), self.config.redis_key, self.config.interval,
                  self.config.max_tasks or "unlimited")
+        if self.config.metrics_port:
+            try:
+                self.metrics_server = MetricsServer(self.config.metrics_bind,
+                                                    self.config.metrics_port,
+                                                    self.metrics_snapshot)
+            except ImportError:
+                log.error("[metrics] port needs prometheus_client: "
+                          "pip install 'workerpool[metrics]'")
+                return 2
+            except OSError as exc:
+                log.error("cannot serve metrics on %s:%d: %s", self.config.metrics_bind,
+                          self.config.metrics_port, exc.strerror)
+                return 1
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_server.address)
         self._sweep_orphans()
         try:
             while True:
@@ -228,6 +254,8 @@ class Supervisor:
         log.info("workerpool stopped (%s); %s task(s) finished%s", self.stop_reason or "done",
                  finished if max_tasks else total,
                  f" of max_tasks {max_tasks}" if max_tasks else "")
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._client.close()
 
     # --- workers
@@ -354,6 +382,7 @@ class Supervisor:
         self._requeue_list(worker, count_delivery=count)
         self.scoreboard.reclaim(worker.slot)
         self.processed_by_exited += self.scoreboard.get(worker.slot, "processed")
+        self.exited_metrics.add(*self.scoreboard.read_metrics(worker.slot))
         self.scoreboard.clear_slot(worker.slot)
         if worker.pid in self.pending_reload:
             self.pending_reload.remove(worker.pid)
@@ -499,6 +528,7 @@ class Supervisor:
 
     def _maintenance(self) -> None:
         now = time.time()
+        self.throughput_samples.append((time.monotonic(), self._processed_total()))
         try:
             self.queue.move_due_retries(now)
             self.queue.heartbeat(self.host, self._host_status(), ttl=self.config.host_timeout * 2)
@@ -592,9 +622,37 @@ class Supervisor:
             "taken": taken if max_tasks else None,
             "finished": finished if max_tasks else None,
             "processed": self._processed_total(),
+            "throughput_1m": self.throughput(),
             "workers": workers,
             "updated_at": time.time(),
         }
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Counters over every worker since start, and the gauges, for a metrics scrape."""
+        snapshot = self.exited_metrics.copy()
+        for worker in self.workers.values():
+            snapshot.add(*self.scoreboard.read_metrics(worker.slot))
+        gauges = snapshot.gauges
+        gauges["workers"] = len(self._active())
+        gauges["in_flight"] = sum(self.scoreboard.get(w.slot, "in_flight")
+                                  for w in self.workers.values())
+        taken, finished, max_tasks = self.scoreboard.totals()
+        if max_tasks:
+            gauges["max_tasks_finished"] = finished
+        try:
+            gauges.update(self.queue.counts(self.host))
+        except RedisError as exc:
+            log.warning("metrics: queue depths unavailable (%s)", exc)
+        return snapshot
+
+    def throughput(self) -> float | None:
+        """Tasks finished per second over the last minute (None until two samples exist)."""
+        samples = self.throughput_samples
+        if len(samples) < 2:
+            return None
+        now, latest = samples[-1]
+        when, earliest = next((w, t) for w, t in samples if now - w <= THROUGHPUT_WINDOW)
+        return round((latest - earliest) / (now - when), 2) if now > when else None
 
     def _processed_total(self) -> int:
         """Tasks finished since start, by every worker, including those that have exited."""
