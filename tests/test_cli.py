@@ -322,3 +322,35 @@ def test_commands_when_not_running(ini):
     parsed = json.loads(report.stdout)
     assert parsed["state"] == "not running" and parsed["pid"] is None
     assert parsed["queue"] == {"pending": 0, "processing": 0, "retry": 0, "dead": 0}
+
+
+def test_enqueue_shows_progress_on_a_terminal(ini, redis_client, tmp_path):
+    import pty
+
+    lines = tmp_path / "many.jsonl"
+    lines.write_text("".join(f'{{"type": "bulk", "data": {{"n": {n}}}}}\n'
+                             for n in range(12_000)))
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "workerpool.cli", "--config", ini, "enqueue", "--file",
+             str(lines)], env=cli_env(), stdout=subprocess.PIPE, stderr=follower, timeout=60)
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: everything was read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    assert result.returncode == 0
+    assert b"12000/12000 task(s)" in shown and b"1000/12000" in shown
+    assert redis_client.llen(QUEUE) == 12_000
+    assert b"enqueued 12000 task(s)" in result.stdout

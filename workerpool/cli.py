@@ -31,6 +31,8 @@ from workerpool.logs import setup_logging
 from workerpool.protocol import SyncQueue, new_task
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+ENQUEUE_CHUNK = 1000
+PROGRESS_MIN = 10 * ENQUEUE_CHUNK  # files smaller than this need no progress bar
 STATUS_DEAD, STATUS_NOT_RUNNING = 1, 3
 
 
@@ -323,8 +325,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if args.file:
         if args.type:
             raise CommandError("give either TYPE [DATA] or --file, not both", EXIT_USAGE)
-        handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        try:
+            handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(f"{args.file}: {exc.strerror}", EXIT_USAGE) from None
         with handle:
+            # Every line is checked before any is pushed: a bad line enqueues nothing.
             tasks = list(_json_lines(handle))
     elif args.type:
         try:
@@ -336,8 +342,19 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     else:
         raise CommandError("give TYPE [DATA] or --file FILE", EXIT_USAGE)
     queue = _queue(config)
+    show_progress = len(tasks) >= PROGRESS_MIN and sys.stderr.isatty() and not args.quiet
     try:
-        queue.enqueue_many(tasks, wait_replicas=args.wait_replicas)
+        for start in range(0, len(tasks), ENQUEUE_CHUNK):
+            queue.enqueue_many(tasks[start : start + ENQUEUE_CHUNK])
+            if show_progress:
+                done = min(start + ENQUEUE_CHUNK, len(tasks))
+                bar = "#" * (30 * done // len(tasks))
+                sys.stderr.write(f"\r[{bar:<30}] {done}/{len(tasks)} task(s)")
+                sys.stderr.flush()
+        if show_progress:
+            sys.stderr.write("\n")
+        if args.wait_replicas:
+            queue.enqueue_many([], wait_replicas=args.wait_replicas)
     finally:
         queue.client.close()
     if args.quiet:
