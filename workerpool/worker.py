@@ -15,6 +15,7 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -28,8 +29,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from workerpool import protocol
-from workerpool.config import Config, ConfigError, load_config, load_handler, mask_url
-from workerpool.connection import async_client, blocking_margin
+from workerpool.config import Config, ConfigError, load_config, load_handler
+from workerpool.connection import async_client, blocking_margin, describe
 from workerpool.errors import RetryLater, TaskRejected
 from workerpool.logs import set_process_name, setup_logging
 from workerpool.protocol import AsyncQueue, InvalidTask, Settlement, decode_task
@@ -103,6 +104,7 @@ class Worker:
         self.held: dict[int, bytes] = {}
         self._delivery_seq = 0
         self._running: dict[int, asyncio.Task] = {}
+        # (deadline, last delivery) of each started batch still running, oldest first.
         self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self._timed_out: set[int] = set()
         self._timeout_timer: asyncio.TimerHandle | None = None
@@ -231,6 +233,9 @@ class Worker:
         queue = self.queue
         key = self.processing_key
         backoff = RECONNECT_MIN
+        # The last blocking take timed out: the queue stayed empty for a whole interval, so
+        # block again at once rather than spend a round trip on a batch take first.
+        idle = False
         while not self.stopping:
             free = concurrency - self.in_flight
             if free <= 0:
@@ -253,13 +258,15 @@ class Worker:
             try:
                 if self._needs_reconcile:
                     await self._reconcile()
-                items = await queue.take(key, granted)
+                if not idle:
+                    items = await queue.take(key, granted)
                 if not items:
                     scoreboard.release(index, granted - 1)
                     granted = 1
                     raw = await queue.take_blocking(key, self.config.interval)
                     if raw is not None:
                         items = [raw]
+                idle = not items
                 backoff = RECONNECT_MIN
                 if self._redis_down_since is not None:
                     log.warning("redis reachable again after %.1fs",
@@ -270,13 +277,18 @@ class Worker:
                 raise
             except RedisError as exc:
                 scoreboard.release(index, granted)
+                idle = False
                 self._connection_lost(exc, backoff)
                 await self._wait_for_slot(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 continue
             if len(items) < granted:
                 scoreboard.release(index, granted - len(items))
-            self._start_batch(items)
+            if items:
+                self._start_batch(items)
+                # Let the handlers just scheduled start before the next round trip is sent:
+                # the write would otherwise delay them (enqueue-to-start latency when idle).
+                await asyncio.sleep(0)
 
     async def _wait_for_slot(self, timeout: float = 1.0) -> None:
         self._slot_freed.clear()
@@ -290,7 +302,7 @@ class Worker:
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()
         log.error("redis unavailable at %s (%s: %s); retrying in %.1fs",
-                  mask_url(self.config.redis_url), type(exc).__name__, exc, backoff)
+                  describe(self.config), type(exc).__name__, exc, backoff)
 
     async def _reconcile(self) -> None:
         # Finished deliveries whose result is not written yet are still in the list, rightly.
@@ -327,6 +339,13 @@ class Worker:
         if self.in_flight == 0:
             self.scoreboard.set(self.index, "busy_since", time.monotonic())
             self.scoreboard.set(self.index, "state", BUSY)
+        if timeout:
+            # Forget the batches that have all finished (every delivery older than the oldest
+            # one still running): one entry per batch, so this stays as small as what runs.
+            deadlines = self._deadlines
+            oldest = next(iter(running), None)
+            while deadlines and (oldest is None or deadlines[0][1] < oldest):
+                deadlines.popleft()
         for raw in items:
             self._delivery_seq += 1
             delivery = self._delivery_seq
@@ -340,11 +359,11 @@ class Worker:
                 self._settled(delivery, finished=True, failed=True)
                 continue
             self.in_flight += 1
-            if timeout:
-                self._deadlines.append((deadline, delivery))
             running_task = new_task(run(delivery, raw, task))
             if not running_task.done():
                 running[delivery] = running_task
+        if timeout and running:
+            self._deadlines.append((deadline, self._delivery_seq))
         if timeout and self._deadlines and self._timeout_timer is None:
             self._timeout_timer = self.loop.call_at(
                 self._loop_time(self._deadlines[0][0]), self._expire_timeouts)
@@ -355,16 +374,22 @@ class Worker:
 
     def _expire_timeouts(self) -> None:
         # One timer for all tasks: deadlines come in start order, since every task has the
-        # same task_timeout. Much cheaper than a timeout scope per task.
+        # same task_timeout, and so do deliveries in self._running (a dict keeps insertion
+        # order). Much cheaper than a timeout scope per task.
         self._timeout_timer = None
         deadlines = self._deadlines
         now = time.monotonic()
+        last = 0
         while deadlines and deadlines[0][0] <= now:
-            _, delivery = deadlines.popleft()
-            running_task = self._running.get(delivery)
-            if running_task is not None and not running_task.done():
-                self._timed_out.add(delivery)
-                running_task.cancel()
+            last = deadlines.popleft()[1]
+        if last:
+            timed_out = self._timed_out
+            for delivery, running_task in list(self._running.items()):
+                if delivery > last:
+                    break
+                if delivery not in timed_out and not running_task.done():
+                    timed_out.add(delivery)
+                    running_task.cancel()
         if deadlines:
             self._timeout_timer = self.loop.call_at(self._loop_time(deadlines[0][0]),
                                                     self._expire_timeouts)
@@ -580,6 +605,12 @@ def run_worker(
     Under a supervisor (parent_pid set), SIGINT is ignored - the supervisor decides - and
     SIGTERM drains. Alone, both drain.
     """
+    if parent_pid is not None:
+        # Forked: move everything inherited from the supervisor (the imported handler and
+        # libraries) to the collector's permanent generation. Full collections would otherwise
+        # write to every object's header and copy-on-write every page still shared with the
+        # supervisor and the other workers (about 4 MiB of PSS per worker).
+        gc.freeze()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(config, handler, scoreboard, index, name=name, list_id=list_id,
@@ -646,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _ping(config)
     except RedisError as exc:
-        log.error("cannot connect to redis at %s: %s", mask_url(config.redis_url), exc)
+        log.error("cannot connect to redis at %s: %s", describe(config), exc)
         return 1
     # Tasks a previous run of this worker left behind go back to the queue first.
     from workerpool.connection import sync_client

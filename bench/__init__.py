@@ -1,0 +1,4 @@
+"""Benchmarks of workerpool against same-run baselines: `python -m bench`.
+
+See docs/PERFORMANCE.md.
+"""
