@@ -132,10 +132,22 @@ async def jitter(task: dict) -> None:
 
 async def file_stamp(task: dict) -> None:
     """Sleep data.seconds, then append "<id> <start> <end> <pid>" to the file data.file
-    (one short O_APPEND write: lines from many workers never interleave)."""
+    (one short O_APPEND write: lines from many workers never interleave). data.failures:
+    fail until attempted that many times; data.crash: kill the worker (every delivery)."""
     start = time.time()
+    if task.get("attempts", 0) < int(task["data"].get("failures", 0)):
+        raise RuntimeError(f"planned failure on attempt {task.get('attempts', 0) + 1}")
+    if task["data"].get("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
     seconds = float(task["data"].get("seconds", 0))
     if seconds:
         await asyncio.sleep(seconds)
     with open(task["data"]["file"], "a", encoding="utf-8") as handle:
         handle.write(f"{task.get('id')} {start!r} {time.time()!r} {os.getpid()}\n")
+
+
+async def fail_by_type(task: dict) -> None:
+    """Succeed for every type except `fail`, which always raises (metrics tests)."""
+    if task["type"] == "fail":
+        raise RuntimeError("planned failure")
+    _mark("done", task)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import functools
@@ -34,9 +35,21 @@ from workerpool.connection import async_client, blocking_margin, describe
 from workerpool.errors import RetryLater, TaskRejected
 from workerpool.logs import set_process_name, setup_logging
 from workerpool.protocol import AsyncQueue, InvalidTask, Settlement, decode_task
-from workerpool.scoreboard import BUSY, DRAINING, IDLE, STOPPED, Scoreboard
+from workerpool.scoreboard import (
+    BUSY,
+    DRAINING,
+    DURATION_BUCKETS,
+    IDLE,
+    STOPPED,
+    TYPE_COUNTERS,
+    Scoreboard,
+)
 
 log = logging.getLogger("workerpool.worker")
+
+TAKEN, SUCCEEDED, FAILED, RETRIED, DEAD = (TYPE_COUNTERS.index(name) for name in (
+    "taken", "succeeded", "failed", "retried", "dead"))
+INVALID_TYPE = "(invalid)"  # the type label of raws that are not tasks
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 5.0
@@ -107,6 +120,11 @@ class Worker:
         # (deadline, last delivery) of each started batch still running, oldest first.
         self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self._timed_out: set[int] = set()
+        # Metrics, published to shared memory about once a second: by task type, the
+        # counters of scoreboard.TYPE_COUNTERS, and a histogram of handler durations.
+        self._type_counts: dict[str, list[int]] = {}
+        self._histogram = [0] * len(DURATION_BUCKETS)
+        self._duration_sum = 0.0
         self._timeout_timer: asyncio.TimerHandle | None = None
         self._new_task = self._task_factory()
         self._pending = Settlement()
@@ -151,6 +169,7 @@ class Worker:
             await self._drain()
         finally:
             housekeeping.cancel()
+            self.publish_metrics()
             self.scoreboard.set(self.index, "state", STOPPED)
             self.scoreboard.set(self.index, "in_flight", 0)
             for client in (command, blocking):
@@ -354,6 +373,9 @@ class Worker:
                 task = decode_task(raw, max_payload)
             except InvalidTask as exc:
                 log.warning("invalid task dead-lettered (%s): %s", exc.reason, _short(raw))
+                counts = self._counts(INVALID_TYPE)
+                counts[TAKEN] += 1
+                counts[DEAD] += 1
                 entry = protocol.dead_entry(raw, exc.reason, exc.detail, 0, self.host, self.name)
                 self._pending.dead(raw, entry)
                 self._settled(delivery, finished=True, failed=True)
@@ -399,9 +421,28 @@ class Worker:
         if inspect.isawaitable(result):
             await result
 
+    def _counts(self, task_type: Any) -> list[int]:
+        counts = self._type_counts.get(task_type)
+        if counts is None:
+            counts = self._type_counts[str(task_type)] = [0] * len(TYPE_COUNTERS)
+        return counts
+
+    def _timed(self, started: float) -> None:
+        duration = time.monotonic() - started
+        self._duration_sum += duration
+        self._histogram[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+
+    def publish_metrics(self) -> None:
+        """Copy this worker's counters to shared memory for the supervisor's metrics."""
+        self.scoreboard.publish_metrics(self.index, self._type_counts, self._histogram,
+                                        self._duration_sum)
+
     async def _run(self, delivery: int, raw: bytes, task: dict) -> None:
         if self._log_tasks:
             log.info("processing task: %s", _short(task))
+        counts = self._counts(task["type"])
+        counts[TAKEN] += 1
+        started = time.monotonic()
         try:
             if self.handler_is_async:
                 await self.handler(task)
@@ -415,6 +456,7 @@ class Worker:
             else:
                 # Cancelled at drain_timeout: the task stays in the processing list and is
                 # given back by the final requeue.
+                counts[TAKEN] -= 1
                 self._finish_running(delivery)
                 self.held.pop(delivery, None)
                 self.scoreboard.release(self.index, 1)
@@ -422,6 +464,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any handler failure is recorded, never fatal
             error = exc
         else:
+            self._timed(started)
+            counts[SUCCEEDED] += 1
             self._finish_running(delivery)
             self._pending.acks.append(raw)
             self._settled(delivery, finished=True, failed=False)
@@ -430,6 +474,8 @@ class Worker:
                 log.info("task done: %s", _short(task))
                 log.info("processed task #%d", self.succeeded)
             return
+        self._timed(started)
+        counts[FAILED] += 1
         self._finish_running(delivery)
         self._fail(delivery, raw, task, error)
 
@@ -455,6 +501,7 @@ class Worker:
                       reason, attempts, description, _short(task))
             entry = protocol.dead_entry(raw, reason, description, attempts, self.host, self.name)
             self._pending.dead(raw, entry)
+            self._counts(task["type"])[DEAD] += 1
             self._settled(delivery, finished=True, failed=True)
             return
         delay = getattr(error, "delay", None)
@@ -466,6 +513,7 @@ class Worker:
         log.error("task failed (attempt %d of %d), retry in %.1fs: %s: %s",
                   attempts, self.config.max_retries + 1, delay, description, _short(task))
         self._pending.retry(raw, protocol.encode_task(retried), due)
+        self._counts(task["type"])[RETRIED] += 1
         self._settled(delivery, finished=False, failed=True)
         self._schedule_retry_move(delay)
 
@@ -562,6 +610,7 @@ class Worker:
                 self.stop(f"recycling: memory above {self.config.max_memory_per_worker} MiB")
             if sweep_retries and not self.stopping:
                 await self._move_due_retries()
+            self.publish_metrics()
             self._set_title()
             await asyncio.sleep(period)
 
