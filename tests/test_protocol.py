@@ -291,8 +291,9 @@ def test_settle_forgets_delivery_counts(queue, processing, redis_client):
     a, b = queue.take(processing, 2)
     queue.requeue(processing, max_deliveries=5)
     assert redis_client.hlen(queue.keys.deliveries) == 2
-    a2, b2 = queue.take(processing, 2)
-    assert (a2, b2) == (a, b)
+    # Suspects come one per take.
+    assert queue.take(processing, 2) == [a]
+    assert queue.take(processing, 2) == [b]
     settlement = Settlement()
     settlement.ack(a)
     settlement.retry(b, b, time.time() + 60)
@@ -350,12 +351,53 @@ def test_requeue_returns_tasks_to_the_head_in_order(queue, processing, redis_cli
     assert ids_of(queue.take(processing, 2)) == ["a", "b"]
     queue.enqueue_many(raws("e"))
 
-    assert queue.requeue(processing, max_deliveries=3) == (2, 0)
+    assert queue.requeue(processing, max_deliveries=3, count_delivery=False) == (2, 0)
     assert redis_client.exists(processing) == 0
     # They are next to be taken, in their original order, ahead of c, d and e.
     assert ids_of(pending_oldest_first(redis_client)) == ["a", "b", "c", "d", "e"]
     other = queue.keys.processing(HOST, "w2")
     assert ids_of(queue.take(other, 5)) == ["a", "b", "c", "d", "e"]
+
+
+def test_suspects_are_taken_alone_and_only_by_an_idle_worker(redis_url, processing):
+    """After a worker died, each task it held is a suspect: taken alone, so a poison pill
+    that kills again is the only task blamed."""
+    from workerpool.config import load_config
+    from workerpool.connection import async_client
+    from workerpool.protocol import SUSPECT, TAKEN, WAIT_IDLE, AsyncQueue
+
+    async def scenario() -> list:
+        client = async_client(load_config(None, search=False, environ={},
+                                          overrides={"redis_url": redis_url}))
+        queue = AsyncQueue(client, Q)
+        try:
+            await queue.enqueue_many(raws("a", "b", "c"))
+            first = await queue.take_batch(processing, 2)
+            await queue.requeue(processing, max_deliveries=3)  # the worker died with a and b
+            busy = await queue.take_batch(processing, 5, idle=False)
+            alone = await queue.take_batch(processing, 5, idle=True)
+            suspect_flag = await queue.is_suspect(alone[0][0])
+            settlement = Settlement()
+            settlement.ack(alone[0][0])
+            await queue.settle(processing, settlement)
+            second = await queue.take_batch(processing, 5)
+            settlement = Settlement()
+            settlement.ack(second[0][0])
+            await queue.settle(processing, settlement)
+            rest = await queue.take_batch(processing, 5)
+            return [first, busy, alone, suspect_flag, second, rest,
+                    await queue.is_suspect(rest[0][0])]
+        finally:
+            await client.aclose()
+
+    first, busy, alone, suspect_flag, second, rest, clean = asyncio.run(scenario())
+    assert (ids_of(first[0]), first[1]) == (["a", "b"], TAKEN)
+    assert busy == ([], WAIT_IDLE)  # a busy worker does not take a suspect
+    assert (ids_of(alone[0]), alone[1]) == (["a"], SUSPECT)
+    assert suspect_flag is True
+    assert (ids_of(second[0]), second[1]) == (["b"], SUSPECT)
+    assert (ids_of(rest[0]), rest[1]) == (["c"], TAKEN)  # no longer a suspect behind it
+    assert clean is False
 
 
 def test_requeue_counts_deliveries_and_dead_letters_at_max(queue, processing, redis_client):

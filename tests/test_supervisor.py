@@ -598,9 +598,6 @@ def test_poison_pill_is_dead_lettered_after_max_deliveries(pool_ini, redis_clien
     assert pool.wait(15) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a crash counts a delivery for every task its worker "
-                   "held, and the requeued batch is taken together again: tasks that never "
-                   "ran are dead-lettered with the poison pill")
 def test_poison_pill_does_not_take_its_batch_down(pool_ini, redis_client, start_pool):
     ini = pool_ini(handler="sample_handlers:crash", workers=1, concurrency=5, max_deliveries=3)
     innocent = [f"n{i}" for i in range(4)]

@@ -14,18 +14,18 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from workerpool.connection import push_and_wait, push_and_wait_async
 
 try:  # optional speed-up (the `fast` extra)
     import orjson
 
-    def _loads(raw: bytes) -> Any:
-        return orjson.loads(raw)
-
-    def _dumps(value: Any) -> bytes:
-        return orjson.dumps(value)
+    # The C functions themselves: no Python frame per task on the hot path.
+    _loads: Callable[[bytes], Any] = orjson.loads
+    _dumps: Callable[[Any], bytes] = orjson.dumps
 
     _JSON_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
 except ImportError:  # pragma: no cover - exercised when the extra is absent
@@ -188,13 +188,34 @@ def _glob_escape(text: str) -> str:
 
 # --- Lua scripts. KEYS and ARGV are documented above each one.
 
-# KEYS: queue, processing. ARGV: n. Moves up to n of the oldest tasks; returns them newest first.
-# They are pushed oldest first, so the processing list is newest-at-head as with BLMOVE (and
-# REQUEUE gives them back in their original order).
+# KEYS: queue, processing, deliveries. ARGV: n, idle (1 if the taker runs nothing now).
+# Moves up to n of the oldest tasks to the processing list (oldest first, so the list is
+# newest-at-head as with BLMOVE, and REQUEUE gives them back in their original order).
+# Returns {flag, tasks newest first}. A suspect - a task whose worker died while running it -
+# is only taken alone, by an idle worker, so that if it kills again only it is blamed:
+# flag 1 = the one task returned is a suspect; flag 2 = the oldest task is a suspect and the
+# taker is busy (nothing taken: wait until idle, do not block on the queue).
 TAKE = """
 local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
 local count = #items
-if count == 0 then return items end
+if count == 0 then return {0} end
+local flag = 0
+if redis.call('HLEN', KEYS[3]) > 0 then
+  local clean = 0
+  for i = count, 1, -1 do
+    if redis.call('HEXISTS', KEYS[3], items[i]) == 1 then break end
+    clean = clean + 1
+  end
+  if clean == 0 then
+    if ARGV[2] ~= '1' then return {2} end
+    clean, flag = 1, 1
+  end
+  if clean < count then
+    local oldest = {}
+    for i = count - clean + 1, count do oldest[#oldest + 1] = items[i] end
+    items, count = oldest, clean
+  end
+end
 if count == redis.call('LLEN', KEYS[1]) then
   redis.call('DEL', KEYS[1])
 else
@@ -203,7 +224,9 @@ end
 local oldest_first = {}
 for i = count, 1, -1 do oldest_first[count - i + 1] = items[i] end
 redis.call('LPUSH', KEYS[2], unpack(oldest_first))
-return items
+local reply = {flag}
+for i = 1, count do reply[i + 1] = items[i] end
+return reply
 """
 
 # KEYS: processing, retry, dead, deliveries.
@@ -383,9 +406,12 @@ class _Base:
         self.keys = QueueKeys(redis_key)
         self._scripts = {name: client.register_script(text) for name, text in SCRIPTS.items()}
 
-    def _take_call(self, processing: str, count: int) -> tuple[Any, list[str], list[Any]]:
+    def _take_call(
+        self, processing: str, count: int, idle: bool = True
+    ) -> tuple[Any, list[str], list[Any]]:
         count = max(1, min(count, MAX_BATCH))
-        return self._scripts["take"], [self.keys.queue, processing], [count]
+        keys = [self.keys.queue, processing, self.keys.deliveries]
+        return self._scripts["take"], keys, [count, 1 if idle else 0]
 
     def _settle_call(
         self, processing: str, settlement: Settlement
@@ -418,9 +444,10 @@ class SyncQueue(_Base):
         script, keys, args = call
         return script(keys=keys, args=args)
 
-    def enqueue(self, task: dict[str, Any] | bytes, wait_replicas: int = 0) -> None:
+    def enqueue(self, task: dict[str, Any] | bytes, wait_replicas: int = 0,
+                wait_timeout: float = 10.0) -> None:
         """Push one task (a dict, or raw bytes already encoded)."""
-        self.enqueue_many([task], wait_replicas=wait_replicas)
+        self.enqueue_many([task], wait_replicas=wait_replicas, wait_timeout=wait_timeout)
 
     def enqueue_many(
         self,
@@ -430,21 +457,21 @@ class SyncQueue(_Base):
         wait_timeout: float = 10.0,
     ) -> int:
         """Push many tasks in pipelined chunks; returns how many were pushed."""
+        if wait_replicas:  # WAIT must follow the pushes on their own connection
+            pushed, acknowledged = push_and_wait(
+                self.client, self.keys.queue, list(_chunks((_raw(t) for t in tasks), chunk)),
+                wait_replicas, wait_timeout)
+            _check_replicas(acknowledged, wait_replicas)
+            return pushed
         pushed = 0
         for batch in _chunks((_raw(task) for task in tasks), chunk):
             self.client.lpush(self.keys.queue, *batch)
             pushed += len(batch)
-        if wait_replicas:
-            acknowledged = self.client.execute_command(
-                "WAIT", wait_replicas, int(wait_timeout * 1000))
-            _check_replicas(acknowledged, wait_replicas)
         return pushed
 
     def take(self, processing: str, count: int) -> list[bytes]:
         """Move up to `count` oldest tasks to a processing list; oldest first."""
-        items = self._call(self._take_call(processing, count))
-        items.reverse()
-        return items
+        return _take_reply(self._call(self._take_call(processing, count)))[0]
 
     def settle(self, processing: str, settlement: Settlement) -> None:
         """Write acks, retries and dead letters of one processing list in one round trip."""
@@ -468,7 +495,12 @@ class SyncQueue(_Base):
     def processing_lists(self, host: str | None = None) -> list[bytes]:
         """The processing keys of one host (or all hosts) that exist now."""
         pattern = self.keys.processing_pattern(host)
-        return sorted(set(self.client.scan_iter(match=pattern, count=1000)))
+        where: dict[str, Any] = {}
+        if hasattr(self.client, "get_node_from_key"):
+            # A cluster: every key of the queue is on the node of its slot; scan only that one
+            # (redis-py would scan every primary, and fail when any of them is down).
+            where["target_nodes"] = self.client.get_node_from_key(self.keys.queue)
+        return sorted(set(self.client.scan_iter(match=pattern, count=1000, **where)))
 
     def requeue_host(self, host: str, max_deliveries: int, count_delivery: bool = True) -> int:
         """Requeue every processing list of a host; returns how many tasks moved."""
@@ -569,21 +601,31 @@ class AsyncQueue(_Base):
         wait_timeout: float = 10.0,
     ) -> int:
         """Push many tasks in chunks; returns how many were pushed."""
+        if wait_replicas:  # WAIT must follow the pushes on their own connection
+            pushed, acknowledged = await push_and_wait_async(
+                self.client, self.keys.queue, list(_chunks((_raw(t) for t in tasks), chunk)),
+                wait_replicas, wait_timeout)
+            _check_replicas(acknowledged, wait_replicas)
+            return pushed
         pushed = 0
         for batch in _chunks((_raw(task) for task in tasks), chunk):
             await self.client.lpush(self.keys.queue, *batch)
             pushed += len(batch)
-        if wait_replicas:
-            acknowledged = await self.client.execute_command(
-                "WAIT", wait_replicas, int(wait_timeout * 1000))
-            _check_replicas(acknowledged, wait_replicas)
         return pushed
 
     async def take(self, processing: str, count: int) -> list[bytes]:
         """Move up to `count` oldest tasks to a processing list without blocking; oldest first."""
-        items = await self._call(self._take_call(processing, count))
-        items.reverse()
-        return items
+        return (await self.take_batch(processing, count))[0]
+
+    async def take_batch(
+        self, processing: str, count: int, idle: bool = True
+    ) -> tuple[list[bytes], int]:
+        """take(), with the suspect flag: (tasks oldest first, TAKEN / SUSPECT / WAIT_IDLE)."""
+        return _take_reply(await self._call(self._take_call(processing, count, idle)))
+
+    async def is_suspect(self, raw: bytes) -> bool:
+        """True if a worker already died while running this task (run it alone)."""
+        return bool(await self.client.hexists(self.keys.deliveries, raw))
 
     async def take_blocking(self, processing: str, timeout: float) -> bytes | None:
         """Wait up to `timeout` seconds for one task (BLMOVE) and move it to `processing`."""
@@ -607,6 +649,15 @@ class AsyncQueue(_Base):
 
     async def release_unknown(self, processing: str, known: Sequence[bytes]) -> int:
         return int(await self._call(self._release_call(processing, known)))
+
+
+TAKEN, SUSPECT, WAIT_IDLE = 0, 1, 2  # the flag of a take (see the TAKE script)
+
+
+def _take_reply(reply: list[Any]) -> tuple[list[bytes], int]:
+    items = reply[1:]
+    items.reverse()
+    return items, int(reply[0])
 
 
 def _check_replicas(acknowledged: Any, wanted: int) -> None:

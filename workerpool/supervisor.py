@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from workerpool import sdnotify
 from workerpool.config import Config, ConfigError, load_handler, mask_url
-from workerpool.connection import sync_client
+from workerpool.connection import describe, sync_client
 from workerpool.daemon import write_json_atomic
 from workerpool.logs import set_process_name
 from workerpool.metrics import MetricsServer, MetricsSnapshot
@@ -186,7 +186,7 @@ class Supervisor:
         log.info("starting workerpool supervisor (pid %d) with %d worker(s) x %d concurrency",
                  self.pid, self.target, self.config.concurrency)
         log.info("redis: %s; redis key: %s; interval: %gs; max tasks: %s",
-                 mask_url(self.config.redis_url), self.config.redis_key, self.config.interval,
+                 describe(self.config), self.config.redis_key, self.config.interval,
                  self.config.max_tasks or "unlimited")
         if self.config.metrics_port:
             try:
@@ -395,6 +395,7 @@ class Supervisor:
         backoff = self.slot_backoff.get(worker.slot, BACKOFF_MIN)
         if lifetime >= STABLE_AFTER:
             backoff = BACKOFF_MIN
+        now = time.monotonic()  # the backoff runs from now: the requeue above took time
         self.slot_due[worker.slot] = now + backoff
         self.slot_backoff[worker.slot] = min(backoff * 2, BACKOFF_MAX)
         self.crashes = [t for t in self.crashes if now - t < self.config.crash_window]
@@ -542,7 +543,7 @@ class Supervisor:
         except RedisError as exc:
             if not self._redis_error_logged:
                 log.error("redis unavailable at %s (%s); workers keep retrying",
-                          mask_url(self.config.redis_url), exc)
+                          describe(self.config), exc)
                 self._redis_error_logged = True
         self._write_status()
         line = self._status_line()
@@ -556,7 +557,7 @@ class Supervisor:
         try:
             keys = self.queue.processing_lists(self.host)
         except RedisError as exc:
-            log.error("redis unavailable at %s: %s", mask_url(self.config.redis_url), exc)
+            log.error("redis unavailable at %s: %s", describe(self.config), exc)
             return
         live = {w.list_id for w in self.workers.values()}
         for key in keys:
@@ -693,7 +694,7 @@ def check_redis(config: Config) -> str | None:
     try:
         client.ping()
     except RedisError as exc:
-        return f"cannot connect to redis at {mask_url(config.redis_url)}: {exc}"
+        return f"cannot connect to redis at {describe(config)}: {exc}"
     finally:
         client.close()
     return None

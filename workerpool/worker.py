@@ -120,6 +120,7 @@ class Worker:
         # (deadline, last delivery) of each started batch still running, oldest first.
         self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self._timed_out: set[int] = set()
+        self._isolated: int | None = None  # the suspect delivery running alone, if any
         # Metrics, published to shared memory about once a second: by task type, the
         # counters of scoreboard.TYPE_COUNTERS, and a histogram of handler durations.
         self._type_counts: dict[str, list[int]] = {}
@@ -257,7 +258,8 @@ class Worker:
         idle = False
         while not self.stopping:
             free = concurrency - self.in_flight
-            if free <= 0:
+            if free <= 0 or self._isolated is not None:
+                # A suspect runs alone: if it kills this worker, it is the only task blamed.
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -274,17 +276,25 @@ class Worker:
                 await self._wait_for_slot(0.05)
                 continue
             items: list[bytes] = []
+            flag = protocol.TAKEN
+            blocked = False
             try:
                 if self._needs_reconcile:
                     await self._reconcile()
                 if not idle:
-                    items = await queue.take(key, granted)
+                    items, flag = await queue.take_batch(key, granted, self.in_flight == 0)
+                if flag == protocol.WAIT_IDLE:
+                    # The oldest task is a suspect, for an idle worker to take: finish ours.
+                    scoreboard.release(index, granted)
+                    await self._wait_for_slot(0.05)
+                    continue
                 if not items:
                     scoreboard.release(index, granted - 1)
                     granted = 1
                     raw = await queue.take_blocking(key, self.config.interval)
                     if raw is not None:
                         items = [raw]
+                        blocked = True
                 idle = not items
                 backoff = RECONNECT_MIN
                 if self._redis_down_since is not None:
@@ -308,6 +318,13 @@ class Worker:
                 # Let the handlers just scheduled start before the next round trip is sent:
                 # the write would otherwise delay them (enqueue-to-start latency when idle).
                 await asyncio.sleep(0)
+                if blocked:  # a blocking take cannot say whether it took a suspect: ask
+                    try:
+                        flag = protocol.SUSPECT if await queue.is_suspect(items[0]) else flag
+                    except RedisError:
+                        pass  # the next take finds out about the connection
+                if flag == protocol.SUSPECT and self._delivery_seq in self._running:
+                    self._isolated = self._delivery_seq
 
     async def _wait_for_slot(self, timeout: float = 1.0) -> None:
         self._slot_freed.clear()
@@ -480,6 +497,8 @@ class Worker:
         self._fail(delivery, raw, task, error)
 
     def _finish_running(self, delivery: int) -> None:
+        if delivery == self._isolated:
+            self._isolated = None
         self._running.pop(delivery, None)
         self.in_flight -= 1
         if self.in_flight == 0:
