@@ -158,6 +158,12 @@ def _redis_key(raw: str) -> str:
     value = raw.strip()
     if not value or any(ch.isspace() for ch in value):
         raise ValueError("expected a non-empty key without spaces")
+    start = value.find("{")
+    end = value.find("}", start + 1) if start != -1 else -1
+    if "}" in value and not (start != -1 and end > start + 1):
+        # Without a non-empty {tag}, the queue's other keys ({Q}:retry, ...) would hash
+        # to another cluster slot than Q itself.
+        raise ValueError("expected a key whose '}' closes a non-empty {hash tag}, e.g. {jobs}")
     return value
 
 
@@ -468,6 +474,14 @@ def _check_consistency(config: Config) -> None:
             f"{config.describe('redis_mode')} redis_mode = 'sentinel': "
             "needs sentinels = host:port, ... in [workerpool]"
         )
+    tls_files = [name for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+                 if getattr(config, name)]
+    if tls_files and not config.redis_url.startswith("rediss:"):
+        raise ConfigError(
+            f"{config.describe(tls_files[0])} {tls_files[0]} = {getattr(config, tls_files[0])!r}: "
+            f"TLS settings need a rediss:// redis_url (redis_url is "
+            f"{mask_url(config.redis_url)!r})"
+        )
     local = config.redis_url.startswith("unix:") or config.redis_url == "embedded"
     if config.redis_mode != "standalone" and local:
         raise ConfigError(
@@ -495,7 +509,13 @@ def load_handler(config: Config) -> Callable[[dict], Any]:
 
 
 def warn_if_secret_readable(config: Config) -> str | None:
-    """A warning when the config file holds a password but others may read it."""
+    """A warning when the config file holds a password but others may read it (or when the
+    password_file itself is readable by others)."""
+    if config.password_file and os.path.isfile(config.password_file):
+        mode = os.stat(config.password_file).st_mode
+        if mode & (stat.S_IROTH | stat.S_IWOTH):
+            return (f"password_file {config.password_file} is readable by others "
+                    f"(mode {stat.S_IMODE(mode):o}); chmod o-rwx it")
     path = config.source
     if path == "defaults" or not os.path.isfile(path):
         return None
