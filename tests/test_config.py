@@ -16,6 +16,7 @@ from workerpool.config import (
     Config,
     ConfigError,
     config_summary,
+    default_run_dir,
     load_config,
     load_handler,
     mask_url,
@@ -33,7 +34,10 @@ def write_ini(directory: Path, text: str, name: str = "workerpool.ini") -> str:
 
 
 def defaults() -> dict[str, object]:
-    return {option.attr: option.default for option in OPTIONS}
+    values = {option.attr: option.default for option in OPTIONS}
+    # An empty pidfile means workerpool.pid in the run directory, resolved at load time.
+    values["pidfile"] = os.path.join(default_run_dir(), "workerpool.pid")
+    return values
 
 
 def settings(config: Config) -> dict[str, object]:

@@ -222,7 +222,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("workerpool", "host_id", _str, ""),
     _o("workerpool", "host_timeout", _float(0.0, strict=True), 30.0),
     # --- daemon
-    _o("workerpool", "pidfile", _str, "/run/workerpool/workerpool.pid"),
+    _o("workerpool", "pidfile", _str, ""),
     _o("workerpool", "log_file", _str, ""),
     _o("workerpool", "log_level", _log_level, "INFO"),
     _o("workerpool", "user", _str, ""),
@@ -306,6 +306,18 @@ class Config(_ConfigBase):  # type: ignore[misc, valid-type]
     def describe(self, attr: str) -> str:
         """Where a setting's value came from, for messages."""
         return self.origins.get(attr, "defaults")
+
+
+def default_run_dir(run_dir: str = "") -> str:
+    """The directory for runtime files: run_dir if set, systemd's $RUNTIME_DIRECTORY,
+    /run/workerpool for root, else $XDG_RUNTIME_DIR/workerpool or /tmp/workerpool-<uid>."""
+    chosen = run_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if chosen:
+        return chosen
+    if os.geteuid() == 0:
+        return "/run/workerpool"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "workerpool") if xdg else f"/tmp/workerpool-{os.geteuid()}"
 
 
 def mask_url(url: str) -> str:
@@ -463,6 +475,9 @@ def load_config(
         values[attr] = value
         origins[attr] = f"command line {flag}"
 
+    if not values.get("pidfile"):
+        values["pidfile"] = os.path.join(default_run_dir(values.get("run_dir", "")),
+                                         "workerpool.pid")
     config = Config(**values, source=file_path or "defaults", origins=origins)
     _check_consistency(config)
     return config

@@ -18,9 +18,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from workerpool.config import Config, ConfigError
+from workerpool.config import Config, ConfigError, default_run_dir
 
-DEFAULT_RUN_DIR = "/run/workerpool"
 DEFAULT_STATE_DIR = "/var/lib/workerpool"
 START_TIMEOUT = 15.0
 
@@ -30,15 +29,8 @@ class EmbeddedRedisError(Exception):
 
 
 def run_dir(config: Config) -> str:
-    """Where the socket and the server's pidfile live: run_dir, $RUNTIME_DIRECTORY (systemd),
-    /run/workerpool for root, else $XDG_RUNTIME_DIR/workerpool or /tmp/workerpool-<uid>."""
-    chosen = config.run_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if chosen:
-        return chosen
-    if os.geteuid() == 0:
-        return DEFAULT_RUN_DIR
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(xdg, "workerpool") if xdg else f"/tmp/workerpool-{os.geteuid()}"
+    """Where the socket and the server's pidfile live (config.default_run_dir's rules)."""
+    return default_run_dir(config.run_dir)
 
 
 def state_dir(config: Config) -> str:
