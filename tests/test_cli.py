@@ -261,10 +261,36 @@ def test_stats(ini, redis_client):
     redis_client.lpush(DEAD, b'{"task": "x", "reason": "test"}')
     result = run_cli(ini, "stats", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"pending": 2, "processing": 0, "retry": 0, "dead": 1}
+    assert json.loads(result.stdout) == {"pending": 2, "processing": 0, "retry": 0, "dead": 1,
+                                         "hosts": 0, "throughput_1m": None}
     text = run_cli(ini, "stats")
     assert text.returncode == 0
-    assert text.stdout.split() == ["pending", "processing", "retry", "dead", "2", "0", "0", "1"]
+    assert text.stdout.splitlines()[1].split() == ["2", "0", "0", "1", "0", "-"]
+
+
+def test_stats_sums_the_throughput_of_live_hosts(ini, redis_client):
+    from workerpool.protocol import SyncQueue
+
+    queue = SyncQueue(redis_client, QUEUE)
+    queue.heartbeat("host-a", json.dumps({"throughput_1m": 10.5}).encode())
+    queue.heartbeat("host-b", json.dumps({"throughput_1m": 4.5}).encode())
+    result = run_cli(ini, "stats", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert (stats["hosts"], stats["throughput_1m"]) == (2, 15.0)
+
+
+def test_supervisor_throughput_over_the_last_minute(tmp_path):
+    from workerpool.config import load_config
+    from workerpool.supervisor import Supervisor
+
+    config = load_config(None, search=False, environ={},
+                         overrides={"pidfile": str(tmp_path / "wp.pid")})
+    supervisor = Supervisor(config, handler=lambda task: None)
+    assert supervisor.throughput() is None  # not two samples yet
+    # (monotonic time, tasks finished so far): samples older than a minute are not counted.
+    supervisor.throughput_samples.extend([(0.0, 0), (30.0, 1000), (60.0, 1600), (90.0, 2500)])
+    assert supervisor.throughput() == round((2500 - 1000) / 60, 2)
 
 
 def test_stats_with_redis_down_exits_1_and_masks_the_password(tmp_path):

@@ -454,16 +454,25 @@ def _dead_retry(queue: SyncQueue, args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Queue depths, and the pool's throughput over the last minute when it runs here."""
+    """Queue depths, and the throughput of the last minute summed over every live host."""
     config = _load(args)
     counts = _queue_counts(config)
+    if "error" not in counts:
+        hosts = _all_hosts(config)
+        rates = [(h.get("supervisor") or {}).get("throughput_1m") for h in hosts] if isinstance(
+            hosts, list) else []
+        known = [rate for rate in rates if rate is not None]
+        counts["hosts"] = len(rates)
+        counts["throughput_1m"] = round(sum(known), 2) if known else None
     if args.json:
         print(json.dumps(counts))
     elif "error" in counts:
         _say(counts["error"])
     else:
-        _print_table(["pending", "processing", "retry", "dead"],
-                     [[counts["pending"], counts["processing"], counts["retry"], counts["dead"]]])
+        rate = counts["throughput_1m"]
+        _print_table(["pending", "processing", "retry", "dead", "hosts", "tasks/s (1 min)"],
+                     [[counts["pending"], counts["processing"], counts["retry"], counts["dead"],
+                       counts["hosts"], "-" if rate is None else rate]])
     return EXIT_OK if "error" not in counts else EXIT_FAILURE
 
 
