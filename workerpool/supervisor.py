@@ -530,9 +530,11 @@ class Supervisor:
     def _maintenance(self) -> None:
         now = time.time()
         self.throughput_samples.append((time.monotonic(), self._processed_total()))
+        status = self.status()
         try:
             self.queue.move_due_retries(now)
-            self.queue.heartbeat(self.host, self._host_status(), ttl=self.config.host_timeout * 2)
+            self.queue.heartbeat(self.host, json.dumps(status).encode(),
+                                 ttl=self.config.host_timeout * 2)
             if time.monotonic() >= self._next_orphan_sweep:
                 self._next_orphan_sweep = time.monotonic() + ORPHAN_SWEEP_PERIOD
                 self._sweep_orphans()
@@ -545,7 +547,7 @@ class Supervisor:
                 log.error("redis unavailable at %s (%s); workers keep retrying",
                           describe(self.config), exc)
                 self._redis_error_logged = True
-        self._write_status()
+        self._write_status(status)
         line = self._status_line()
         setproctitle(f"workerpool: supervisor [{self.config.redis_key}] {line}")
         sdnotify.notify("STATUS=" + line)
@@ -657,17 +659,15 @@ class Supervisor:
 
     def _processed_total(self) -> int:
         """Tasks finished since start, by every worker, including those that have exited."""
-        live = sum(self.scoreboard.get(slot, "processed") for slot in range(self.scoreboard.slots))
+        # Slots of exited workers are cleared (their counts are in processed_by_exited).
+        live = sum(self.scoreboard.get(w.slot, "processed") for w in self.workers.values())
         return self.processed_by_exited + live
 
-    def _host_status(self) -> bytes:
-        return json.dumps(self.status()).encode()
-
-    def _write_status(self) -> None:
+    def _write_status(self, status: dict[str, Any]) -> None:
         if not self.status_file:
             return
         try:
-            write_json_atomic(self.status_file, self.status())
+            write_json_atomic(self.status_file, status)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EACCES):
                 raise
