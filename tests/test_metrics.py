@@ -38,7 +38,7 @@ def pool(write_config, redis_url, tmp_path, reaper):
     ini = write_config({
         "redis_url": redis_url, "handler": "sample_handlers:fail_by_type", "workers": 2,
         "max_retries": 1, "retry_backoff": 0.05, "pidfile": tmp_path / "wp.pid",
-        "log_level": "warning",
+        "log_level": "info",
     }, metrics={"port": port})
     process = subprocess.Popen(
         [sys.executable, "-m", "workerpool.cli", "--config", ini, "start", "--foreground"],
@@ -46,7 +46,10 @@ def pool(write_config, redis_url, tmp_path, reaper):
     reaper.add(process.pid)
     yield port, process
     process.terminate()
-    assert process.wait(timeout=30) == 0
+    try:
+        assert process.wait(timeout=30) == 0
+    except subprocess.TimeoutExpired:
+        raise AssertionError((tmp_path / "log").read_text()[-4000:]) from None
 
 
 def test_metrics_match_a_known_load(pool, redis_client):
