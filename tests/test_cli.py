@@ -380,3 +380,37 @@ def test_enqueue_shows_progress_on_a_terminal(ini, redis_client, tmp_path):
     assert b"12000/12000 task(s)" in shown and b"1000/12000" in shown
     assert redis_client.llen(QUEUE) == 12_000
     assert b"enqueued 12000 task(s)" in result.stdout
+
+
+def test_password_on_the_command_line_is_not_shown_by_ps(tmp_path, redis_url, reaper):
+    """The command line is replaced by the process title before anything slow happens."""
+    port = redis_url.split(":")[2].split("/")[0]
+    ini = tmp_path / "wp.ini"
+    ini.write_text(f"[workerpool]\npidfile = {tmp_path / 'wp.pid'}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workerpool.cli", "--config", str(ini), "start", "--foreground",
+         "--redis-url", f"redis://:hunter2@127.0.0.1:{port}/0"],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reaper.add(process.pid)
+    try:
+        def title() -> str:
+            with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
+                return handle.read().replace(b"\0", b" ").decode()
+
+        shown = wait_for_value(lambda: title() if "supervisor" in title() else None)
+        assert "hunter2" not in shown and "workerpool: supervisor" in shown
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    # The server has no password: the start fails, and says so without the password.
+    assert "hunter2" not in stderr.decode()
+
+
+def wait_for_value(probe, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out")

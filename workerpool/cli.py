@@ -79,8 +79,12 @@ def _queue(config: Config) -> SyncQueue:
 def cmd_start(args: argparse.Namespace) -> int:
     """Start the pool: daemonized, or in the foreground for systemd and terminals."""
     from workerpool.supervisor import Supervisor, check_redis
+    from workerpool.worker import setproctitle
 
+    # At once: the command line may hold a password (--redis-url), and ps shows the title.
+    setproctitle("workerpool: supervisor starting")
     config = _load(args)
+    setproctitle(f"workerpool: supervisor [{config.redis_key}] starting")
     handler = load_handler(config)  # before fork, so every worker shares the imported code
     uid, gid = daemon.resolve_user(config.user, config.group)
     state, pid = daemon.pidfile_state(config.pidfile)
