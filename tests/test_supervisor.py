@@ -790,3 +790,80 @@ def test_redis_unreachable_at_start_exits_1_with_masked_url(pool_ini, tmp_path, 
     assert f"redis://:***@127.0.0.1:{port}" in output
     assert "secret" not in output
     assert not (tmp_path / "workerpool.pid").exists()
+
+
+# --- operations: log rotation, bad reload, process titles, memory recycling
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read().replace(b"\0", b" ").decode().strip()
+
+
+def test_log_file_is_reopened_after_rotation(pool_ini, redis_client, reaper, tmp_path):
+    log_file = tmp_path / "pool.log"
+    ini = pool_ini(log_file=log_file, workers=1)
+    pidfile = tmp_path / "workerpool.pid"
+    started = run_cli(ini, "start")
+    assert started.returncode == 0, started.stderr
+    # The daemon writes its pidfile once detached, a moment after `start` returns.
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip()))
+    reaper.add(pid)
+    try:
+        enqueue(ini, ["before"])
+        wait_for(lambda: "task done" in log_file.read_text())
+        log_file.rename(tmp_path / "pool.log.1")  # what logrotate does (no copytruncate)
+        enqueue(ini, ["after"])
+        wait_for(lambda: log_file.exists() and "'after'" in log_file.read_text())
+        assert "'after'" not in (tmp_path / "pool.log.1").read_text()
+    finally:
+        for worker in children(pid):
+            reaper.add(worker)
+        assert run_cli(ini, "stop").returncode == 0
+    assert "workerpool stopped" in log_file.read_text()  # the supervisor reopened it too
+
+
+def test_reload_with_a_bad_config_keeps_the_old_one(pool_ini, redis_client, start_pool):
+    ini = pool_ini(workers=1)
+    pool = start_pool(ini)
+    before = {w["pid"] for w in wait_running(pool, 1)["workers"]}
+    Path(ini).write_text(Path(ini).read_text().replace("concurrency = 5", "concurrency = lots"))
+    os.kill(pool.pid, signal.SIGHUP)
+    wait_for(lambda: "config not reloaded, keeping the old one" in pool.log())
+    assert "concurrency = 'lots'" in pool.log()
+    from workerpool.protocol import SyncQueue, new_task
+
+    SyncQueue(redis_client, QUEUE).enqueue(new_task("t", {}, id="still-working"))
+    wait_for(lambda: ids_of(redis_client, "test:done") == ["still-working"])
+    assert {w["pid"] for w in pool.status()["workers"]} == before  # nobody replaced
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0
+
+
+def test_process_titles_name_the_queue_and_state(pool_ini, start_pool):
+    pool = start_pool(pool_ini(workers=2, concurrency=7))
+    status = wait_running(pool, 2)
+    wait_for(lambda: "workers" in _cmdline(pool.pid))
+    assert _cmdline(pool.pid).startswith(f"workerpool: supervisor [{QUEUE}] 2 workers")
+    for worker in status["workers"]:
+        title = wait_for(lambda pid=worker["pid"]: "worker" in _cmdline(pid) and _cmdline(pid))
+        assert re.match(rf"workerpool: worker {worker['worker']} \[{QUEUE}\] idle 0/7 done=0",
+                        title), title
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0
+
+
+def test_worker_over_its_memory_limit_is_replaced_without_losing_tasks(
+        pool_ini, redis_client, start_pool):
+    # 1 MiB is below any Python process: every worker recycles once it has done some work.
+    ini = pool_ini(workers=1, concurrency=1, max_memory_per_worker=1,
+                   handler="sample_handlers:slow")
+    ids = [f"m{i:02d}" for i in range(50)]  # 2.5 s of work: past a housekeeping round
+    enqueue(ini, ids, "slow", seconds=0.05)
+    pool = start_pool(ini)
+    wait_for(lambda: sorted(set(ids_of(redis_client, "test:done"))) == ids, 30)
+    assert "recycling: memory above 1 MiB" in pool.log()
+    assert len(re.findall(r"supervisor: worker \d+ started", pool.log())) >= 2
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0
+    assert depths(redis_client) == {"pending": 0, "processing": 0, "retry": 0, "dead": 0}

@@ -625,7 +625,10 @@ class Worker:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("supervisor (pid %d) is gone", self.parent_pid)
                 self.stop("supervisor died")
-            if memory_limit and not self.stopping and _rss_bytes() > memory_limit:
+            # Only after some work: a worker that starts above the limit would be replaced
+            # by another that does too, forever, and no task would ever run.
+            if memory_limit and self.processed and not self.stopping and (
+                    _rss_bytes() > memory_limit):
                 self.stop(f"recycling: memory above {self.config.max_memory_per_worker} MiB")
             if sweep_retries and not self.stopping:
                 await self._move_due_retries()
