@@ -491,7 +491,8 @@ def _check_consistency(config: Config) -> None:
         )
     tls_files = [name for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
                  if getattr(config, name)]
-    if tls_files and not config.redis_url.startswith("rediss:"):
+    if tls_files and config.redis_mode == "standalone" and not config.redis_url.startswith(
+            "rediss:"):
         raise ConfigError(
             f"{config.describe(tls_files[0])} {tls_files[0]} = {getattr(config, tls_files[0])!r}: "
             f"TLS settings need a rediss:// redis_url (redis_url is "

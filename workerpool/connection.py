@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -76,7 +76,11 @@ def describe(config: Config) -> str:
 
 
 def uses_tls(config: Config) -> bool:
-    return config.redis_url.startswith("rediss:")
+    """rediss://; in sentinel and cluster mode (whose URL host is not where Redis is) a CA or a
+    client certificate is enough."""
+    if config.redis_url.startswith("rediss:"):
+        return True
+    return config.redis_mode != "standalone" and bool(config.ssl_ca_certs or config.ssl_certfile)
 
 
 def _tls_kwargs(config: Config) -> dict[str, Any]:
@@ -105,9 +109,12 @@ def _client_kwargs(config: Config, socket_timeout: float) -> dict[str, Any]:
 
 
 def _url(config: Config) -> str:
-    """The URL for from_url(): without its password when one comes from the environment or
-    password_file (redis-py lets URL values win over keyword arguments)."""
+    """The URL for from_url(): rediss:// when TLS is on; without its password when one comes
+    from the environment or password_file (redis-py lets URL values win over keyword
+    arguments)."""
     url = redis_url(config)
+    if url.startswith("redis:") and uses_tls(config):  # a cluster with ssl_* set
+        url = "rediss:" + url[len("redis:"):]
     if not config.redis_password:
         return url
     parts = urlsplit(url)
@@ -127,7 +134,7 @@ def _sentinel_kwargs(config: Config, retry: Any) -> dict[str, Any]:
         kwargs["username"] = config.sentinel_username
     if config.sentinel_password:
         kwargs["password"] = config.sentinel_password
-    if uses_tls(config):  # rediss:// means TLS to the Sentinels as well as to the data nodes
+    if uses_tls(config):  # TLS to the Sentinels as well as to the data nodes
         kwargs["ssl"] = True
         kwargs.update(_tls_kwargs(config))
     return kwargs
@@ -141,12 +148,8 @@ def _db_kwargs(config: Config) -> dict[str, Any]:
     if db.isdigit():
         kwargs["db"] = int(db)
     if parts.username:
-        from urllib.parse import unquote
-
         kwargs["username"] = unquote(parts.username)
     if parts.password and not config.redis_password:
-        from urllib.parse import unquote
-
         kwargs["password"] = unquote(parts.password)
     return kwargs
 

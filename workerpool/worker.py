@@ -52,7 +52,7 @@ TAKEN, SUCCEEDED, FAILED, RETRIED, DEAD = (TYPE_COUNTERS.index(name) for name in
 INVALID_TYPE = "(invalid)"  # the type label of raws that are not tasks
 
 RECONNECT_MIN = 0.1
-RECONNECT_MAX = 5.0
+RECONNECT_MAX = 1.0  # Redis back after a failover: resume within a second
 HOUSEKEEPING_PERIOD = 1.0
 # How long a worker keeps trying to write its last results before it gives up on Redis
 # (what it could not write stays in its processing list and is requeued).
