@@ -151,3 +151,35 @@ async def fail_by_type(task: dict) -> None:
     if task["type"] == "fail":
         raise RuntimeError("planned failure")
     _mark("done", task)
+
+
+# --- handlers that misbehave in the ways a correctness review found (tests/test_worker.py)
+
+
+async def misbehave(task: dict) -> None:
+    """Fail in the way data.how names, recording each start in `test:started`."""
+    _mark("started", task)
+    how = task["data"]["how"]
+    if how == "cancel_self":  # a library cancelling an inner task and awaiting it
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner
+    elif how == "mutate":  # change the dict the worker passed, then fail
+        task.pop("type")
+        task["data"] = {"unencodable": {1, 2}}
+        raise RuntimeError("failed after mutating the task")
+    elif how == "system_exit":
+        raise SystemExit(3)
+    elif how == "retry_nan":
+        from workerpool.errors import RetryLater
+
+        raise RetryLater("asked for a nonsense delay", delay=float("nan"))
+    _mark("done", task)
+
+
+def sync_stuck(task: dict) -> None:
+    """A sync handler that outlives task_timeout the first time it runs for a task."""
+    first = _redis().incr(f"test:runs:{task['id']}") == 1
+    _mark("started", task)
+    time.sleep(3 if first else 0)
+    _mark("done", task)

@@ -519,3 +519,41 @@ def test_done_when_2000_valid_and_20_malformed(config, start_worker, redis_clien
     )
     assert sorted(dead_entry_task(entry) for entry in entries) == sorted(bad)
     assert SyncQueue(redis_client, Q).counts() == {**EMPTY, "dead": 20}
+
+
+# --- handlers that misbehave: the task is failed (and retried), never stuck or lost
+
+
+@pytest.mark.parametrize("how", ["cancel_self", "mutate", "system_exit", "retry_nan"])
+def test_a_misbehaving_handler_fails_its_task_and_the_worker_goes_on(
+        how, config, start_worker, redis_client):
+    queue = SyncQueue(redis_client, Q)
+    queue.enqueue_many(tasks(["bad"], "odd", how=how) + tasks(["good"], how="fine"))
+    worker = start_worker(config(handler="sample_handlers:misbehave", max_retries=1,
+                                 retry_backoff=0.05, max_tasks=2))
+    assert worker.wait(20) == 0, worker.output()
+    assert done(redis_client) == ["good"]
+    (entry,) = dead_entries(redis_client)
+    assert entry["reason"] == "max_retries" and entry["attempts"] == 2
+    # Retried from the original bytes: the handler's changes to its dict do not leak.
+    assert json.loads(entry["task"])["type"] == "odd"
+    assert [i.decode() for i in redis_client.lrange("test:started", 0, -1)].count("bad") == 2
+    assert queue.counts() == {**EMPTY, "dead": 1}
+
+
+def test_a_stuck_sync_handler_stops_the_worker_and_its_task_runs_again_later(
+        config, start_worker, redis_client):
+    queue = SyncQueue(redis_client, Q)
+    queue.enqueue_many(tasks(["stuck"]))
+    ini = config(handler="sample_handlers:sync_stuck", task_timeout=0.3, drain_timeout=5)
+    first = start_worker(ini)
+    assert first.wait(20) == 3, first.output()  # the thread could not be stopped: exit
+    assert "sync handler still running after task_timeout" in first.output()
+    # It was not given back while its thread still ran: it is in the processing list, and
+    # the thread never finished it.
+    assert redis_client.lrange(PROCESSING, 0, -1) != [] and done(redis_client) == []
+    second = start_worker(ini)  # requeues what its predecessor left, and runs it
+    wait_for(lambda: done(redis_client) == ["stuck"])
+    second.signal(signal.SIGTERM)
+    assert second.wait(20) == 0
+    assert queue.counts() == EMPTY

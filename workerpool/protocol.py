@@ -233,8 +233,14 @@ return reply
 # ARGV: number of acks, the acked raws, then (kind, raw, member, score) records where kind is
 # 'r' (member goes to the retry set at score) or 'd' (member is the dead-letter entry).
 SETTLE = """
-local track = redis.call('HLEN', KEYS[4]) > 0
 local acks = tonumber(ARGV[1])
+for i = acks + 2, #ARGV, 4 do
+  -- Refuse the whole call before any write: a script error does not roll back.
+  if ARGV[i] == 'r' and not tonumber(ARGV[i + 3]) then
+    return redis.error_reply('bad retry score ' .. ARGV[i + 3])
+  end
+end
+local track = redis.call('HLEN', KEYS[4]) > 0
 for i = 2, acks + 1 do
   redis.call('LREM', KEYS[1], -1, ARGV[i])
   if track then redis.call('HDEL', KEYS[4], ARGV[i]) end
@@ -389,7 +395,7 @@ class Settlement:
         self.acks.append(raw)
 
     def retry(self, raw: bytes, new_raw: bytes, due: float) -> None:
-        self.records += (b"r", raw, retry_member(new_raw), repr(due).encode())
+        self.records += (b"r", raw, retry_member(new_raw), repr(float(due)).encode())
 
     def dead(self, raw: bytes, entry: bytes) -> None:
         self.records += (b"d", raw, entry, b"0")

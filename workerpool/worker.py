@@ -19,6 +19,7 @@ import functools
 import gc
 import inspect
 import logging
+import math
 import os
 import random
 import signal
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from workerpool import protocol
 from workerpool.config import Config, ConfigError, load_config, load_handler
@@ -51,6 +52,7 @@ TAKEN, SUCCEEDED, FAILED, RETRIED, DEAD = (TYPE_COUNTERS.index(name) for name in
     "taken", "succeeded", "failed", "retried", "dead"))
 INVALID_TYPE = "(invalid)"  # the type label of raws that are not tasks
 
+EXIT_ABANDONED = 3  # a sync handler was stuck past task_timeout (counts as a crash)
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 1.0  # Redis back after a failover: resume within a second
 HOUSEKEEPING_PERIOD = 1.0
@@ -121,6 +123,9 @@ class Worker:
         self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self._timed_out: set[int] = set()
         self._isolated: int | None = None  # the suspect delivery running alone, if any
+        self._drain_cancelled: set[int] = set()  # deliveries cancelled at drain_timeout
+        self._abandoned: list[bytes] = []  # raws of stuck sync handlers: not to be given back
+        self.exit_code = 0
         # Metrics, published to shared memory about once a second: by task type, the
         # counters of scoreboard.TYPE_COUNTERS, and a histogram of handler durations.
         self._type_counts: dict[str, list[int]] = {}
@@ -165,6 +170,7 @@ class Worker:
         self.scoreboard.beat(self.index)
         housekeeping = loop.create_task(self._housekeeping())
         self._fetch_task = loop.create_task(self._fetch_loop())
+        self._fetch_task.add_done_callback(self._fetch_ended)
         try:
             await self._stop_event.wait()
             await self._drain()
@@ -182,8 +188,15 @@ class Worker:
                 self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("worker stopped (%s): %d processed, %d failed",
                  self.stop_reason or "stopped", self.processed, self.failed)
-        return 0
+        return self.exit_code
 
+    def _fetch_ended(self, task: asyncio.Task) -> None:
+        # The fetch loop only ends when stopping; anything else is a bug: do not linger on,
+        # beating the heartbeat while taking nothing.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fetch loop failed: %r", task.exception(), exc_info=task.exception())
+            self.exit_code = 1
+            self.stop("internal error")
     def stop(self, reason: str) -> None:
         """Begin a graceful drain: take nothing more, finish what runs, exit."""
         if self.stopping:
@@ -209,34 +222,38 @@ class Worker:
             if not_done:
                 log.warning("drain_timeout (%gs) reached: giving back %d unfinished task(s)",
                             self.config.drain_timeout, len(not_done))
-                for task in not_done:
-                    task.cancel()
+                for delivery, task in list(self._running.items()):
+                    if task in not_done:
+                        self._drain_cancelled.add(delivery)
+                        task.cancel()
                 await asyncio.wait(not_done, timeout=1.0)
         await self._final_flush()
 
     async def _final_flush(self) -> None:
         deadline = time.monotonic() + FINAL_FLUSH_TIMEOUT
         while True:
-            if self._flushing is not None:
-                try:
-                    await self._flushing
-                except Exception:  # noqa: BLE001 - retried below
-                    pass
-            if len(self._pending) == 0:
+            if self._flushing is not None and not self._flushing.done():
+                # _flush retries until Redis answers: wait for it no longer than the deadline.
+                await asyncio.wait({self._flushing}, timeout=max(0, deadline - time.monotonic()))
+            if len(self._pending) == 0 and (self._flushing is None or self._flushing.done()):
                 break
             if time.monotonic() > deadline:
+                if self._flushing is not None:
+                    self._flushing.cancel()
                 log.error("could not write %d result(s) to Redis; they stay in %s and will be "
-                          "requeued", len(self._pending), self.processing_key)
+                          "requeued", len(self._pending) + len(self._writing or ()),
+                          self.processing_key)
                 return
-            self._flushing = self.loop.create_task(self._flush())
+            if self._flushing is None or self._flushing.done():
+                self._flushing = self.loop.create_task(self._flush())
             await asyncio.sleep(0)
         # Whatever is still in the processing list was taken but never run (a take cancelled
-        # mid-flight, or a task given back at drain_timeout): return it to the queue.
+        # mid-flight, or a task given back at drain_timeout): return it to the queue - all
+        # but the tasks of stuck sync handlers, which are requeued once this process is gone.
         while time.monotonic() < deadline:
             try:
-                given_back, _ = await self.queue.requeue(
-                    self.processing_key, self.config.max_deliveries, count_delivery=False
-                )
+                given_back = await self.queue.release_unknown(self.processing_key,
+                                                              self._abandoned)
                 if given_back:
                     log.info("gave back %d task(s) not started", given_back)
                 return
@@ -457,20 +474,17 @@ class Worker:
     async def _run(self, delivery: int, raw: bytes, task: dict) -> None:
         if self._log_tasks:
             log.info("processing task: %s", _short(task))
-        counts = self._counts(task["type"])
+        counts = self._counts(task["type"])  # now: the handler may change the dict
         counts[TAKEN] += 1
         started = time.monotonic()
+        error: BaseException
         try:
             if self.handler_is_async:
                 await self.handler(task)
             else:
                 await self._call_sync_handler(task)
-        except asyncio.CancelledError:
-            if delivery in self._timed_out:
-                self._timed_out.discard(delivery)
-                error: BaseException = TimeoutError(
-                    f"timed out after {self.config.task_timeout:g}s")
-            else:
+        except asyncio.CancelledError as exc:
+            if delivery in self._drain_cancelled:
                 # Cancelled at drain_timeout: the task stays in the processing list and is
                 # given back by the final requeue.
                 counts[TAKEN] -= 1
@@ -478,8 +492,16 @@ class Worker:
                 self.held.pop(delivery, None)
                 self.scoreboard.release(self.index, 1)
                 raise
-        except Exception as exc:  # noqa: BLE001 - any handler failure is recorded, never fatal
-            error = exc
+            if delivery in self._timed_out:
+                self._timed_out.discard(delivery)
+                if not self.handler_is_async:
+                    self._abandon(delivery, counts)
+                    return
+                error = TimeoutError(f"timed out after {self.config.task_timeout:g}s")
+            else:
+                error = exc  # the handler's own cancellation: a failure like any other
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+            error = exc  # whatever a handler raises is recorded; the worker carries on
         else:
             self._timed(started)
             counts[SUCCEEDED] += 1
@@ -494,7 +516,28 @@ class Worker:
         self._timed(started)
         counts[FAILED] += 1
         self._finish_running(delivery)
-        self._fail(delivery, raw, task, error)
+        try:
+            self._fail(delivery, raw, counts, error)
+        except Exception as exc:  # noqa: BLE001 - e.g. a retry that cannot be encoded
+            log.exception("could not schedule a retry; dead-lettering the task")
+            entry = protocol.dead_entry(raw, "unretriable", f"{type(exc).__name__}: {exc}",
+                                        0, self.host, self.name)
+            self._pending.dead(raw, entry)
+            counts[DEAD] += 1
+            self._settled(delivery, finished=True, failed=True)
+
+    def _abandon(self, delivery: int, counts: list[int]) -> None:
+        """A sync handler ran past task_timeout: its thread cannot be stopped, so the task
+        must not run again while it may still be running here. Leave it in the processing
+        list and stop this worker; once the process is gone it is requeued (as a crash)."""
+        log.error("sync handler still running after task_timeout %gs: stopping this worker so "
+                  "that its thread dies; the task is requeued when it has",
+                  self.config.task_timeout)
+        counts[FAILED] += 1
+        self._abandoned.append(self.held.pop(delivery))
+        self._finish_running(delivery)
+        self.exit_code = EXIT_ABANDONED
+        self.stop("a sync handler is stuck")
 
     def _finish_running(self, delivery: int) -> None:
         if delivery == self._isolated:
@@ -505,7 +548,9 @@ class Worker:
             self.scoreboard.set(self.index, "state", DRAINING if self.stopping else IDLE)
         self._slot_freed.set()
 
-    def _fail(self, delivery: int, raw: bytes, task: dict, error: BaseException) -> None:
+    def _fail(self, delivery: int, raw: bytes, counts: list[int], error: BaseException) -> None:
+        # From the raw bytes, not the handler's dict, which the handler may have changed.
+        task = protocol.decode_task(raw, self.config.max_payload_bytes)
         attempts = task.get("attempts")
         attempts = (attempts if isinstance(attempts, int) else 0) + 1
         description = f"{type(error).__name__}: {error}"
@@ -520,19 +565,23 @@ class Worker:
                       reason, attempts, description, _short(task))
             entry = protocol.dead_entry(raw, reason, description, attempts, self.host, self.name)
             self._pending.dead(raw, entry)
-            self._counts(task["type"])[DEAD] += 1
+            counts[DEAD] += 1
             self._settled(delivery, finished=True, failed=True)
             return
-        delay = getattr(error, "delay", None)
-        if delay is None or not isinstance(error, RetryLater):
-            delay = protocol.retry_delay(attempts, self.config.retry_backoff)
-        retried = dict(task)
-        retried["attempts"] = attempts
+        delay = protocol.retry_delay(attempts, self.config.retry_backoff)
+        if isinstance(error, RetryLater) and error.delay is not None:
+            try:
+                requested = float(error.delay)
+            except (TypeError, ValueError):
+                requested = -1.0
+            if math.isfinite(requested) and requested >= 0:
+                delay = requested
+        task["attempts"] = attempts
         due = time.time() + delay
         log.error("task failed (attempt %d of %d), retry in %.1fs: %s: %s",
                   attempts, self.config.max_retries + 1, delay, description, _short(task))
-        self._pending.retry(raw, protocol.encode_task(retried), due)
-        self._counts(task["type"])[RETRIED] += 1
+        self._pending.retry(raw, protocol.encode_task(task), due)
+        counts[RETRIED] += 1
         self._settled(delivery, finished=False, failed=True)
         self._schedule_retry_move(delay)
 
@@ -566,6 +615,14 @@ class Worker:
             self._writing = settlement
             try:
                 await self.queue.settle(self.processing_key, settlement)
+            except ResponseError as exc:
+                # Redis refused the script before writing anything (see SETTLE): sending it
+                # again cannot help. The tasks stay in the processing list and go back to the
+                # queue when this worker stops.
+                self._writing = None
+                log.error("redis refused %d result(s) (%s); they go back to the queue later",
+                          len(settlement), exc)
+                continue
             except RedisError as exc:
                 self._writing = None
                 # Put them back in front of anything that finished meanwhile, and retry.
@@ -768,4 +825,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # A sync handler stuck in its thread would keep the interpreter from exiting.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
