@@ -867,3 +867,18 @@ def test_worker_over_its_memory_limit_is_replaced_without_losing_tasks(
     os.kill(pool.pid, signal.SIGTERM)
     assert pool.wait(15) == 0
     assert depths(redis_client) == {"pending": 0, "processing": 0, "retry": 0, "dead": 0}
+
+
+def test_reload_refuses_to_move_a_running_pool_to_another_queue(pool_ini, redis_client,
+                                                                start_pool):
+    ini = pool_ini(workers=1)
+    pool = start_pool(ini)
+    before = {w["pid"] for w in wait_running(pool, 1)["workers"]}
+    Path(ini).write_text(Path(ini).read_text().replace(f"redis_key = {QUEUE}",
+                                                       "redis_key = elsewhere"))
+    os.kill(pool.pid, signal.SIGHUP)
+    wait_for(lambda: "redis_key cannot change while running" in pool.log())
+    assert {w["pid"] for w in pool.status()["workers"]} == before
+    assert pool.status()["redis_key"] == QUEUE
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0

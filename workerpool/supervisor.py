@@ -11,7 +11,6 @@ silent hosts and of dead local processes, and writes the status file.
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import logging
 import os
@@ -103,6 +102,7 @@ class Supervisor:
         self.crashes: list[float] = []
         self.processed_by_exited = 0  # tasks finished by workers whose slot was cleared
         self.exited_metrics = MetricsSnapshot()  # counters of workers whose slot was cleared
+        self.requeue_later: dict[str, bool] = {}  # processing key -> count_delivery
         self.metrics_server: MetricsServer | None = None
         self.throughput_samples: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=THROUGHPUT_WINDOW + 5)
@@ -120,6 +120,7 @@ class Supervisor:
         self._next_maintenance = 0.0
         self._next_orphan_sweep = 0.0
         self._redis_error_logged = False
+        self._status_error_logged = False
         self._watchdog = sdnotify.watchdog_interval()
         self._client = sync_client(config)
         self.queue = SyncQueue(self._client, config.redis_key)
@@ -315,7 +316,15 @@ class Supervisor:
         parent = self.pid
         if self.before_fork is not None:
             self.before_fork()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN, ENOMEM: systemd's TasksMax, memory pressure
+            backoff = self.slot_backoff.get(slot, BACKOFF_MIN)
+            self.slot_due[slot] = time.monotonic() + backoff
+            self.slot_backoff[slot] = min(backoff * 2, BACKOFF_MAX)
+            log.error("cannot start worker %d: fork failed (%s); retrying in %.1fs",
+                      slot + 1, exc.strerror, backoff)
+            return
         if pid == 0:  # the child: never returns
             code = 1
             try:
@@ -408,21 +417,22 @@ class Supervisor:
 
     def _requeue_list(self, worker: WorkerProcess, *, count_delivery: bool) -> None:
         key = self.queue.keys.processing(self.host, worker.list_id)
-        for attempt in range(50):
-            try:
-                requeued, dead = self.queue.requeue(key, self.config.max_deliveries,
-                                                    count_delivery)
-                break
-            except RedisError as exc:
-                if attempt == 0:
-                    log.error("redis unavailable while requeueing worker %s's tasks (%s); "
-                              "retrying", worker.name, exc)
-                time.sleep(0.2)
-        else:
-            log.error("could not requeue %s; the orphan sweep will retry", key)
+        self._requeue_key(key, count_delivery, f"worker {worker.name}")
+
+    def _requeue_key(self, key: str, count_delivery: bool, owner: str) -> None:
+        # One try: the loop must not stall (signals, hung workers, the watchdog) while Redis
+        # is away. A failed requeue is kept and retried every tick.
+        try:
+            requeued, dead = self.queue.requeue(key, self.config.max_deliveries, count_delivery)
+        except RedisError as exc:
+            if key not in self.requeue_later:
+                log.error("redis unavailable while requeueing %s's tasks (%s); will retry",
+                          owner, exc)
+            self.requeue_later[key] = count_delivery
             return
+        self.requeue_later.pop(key, None)
         if requeued:
-            log.warning("requeued %d task(s) of worker %s", requeued, worker.name)
+            log.warning("requeued %d task(s) of %s", requeued, owner)
         if dead:
             log.error("dead-lettered %d task(s) that killed their worker %d times",
                       dead, self.config.max_deliveries)
@@ -490,16 +500,18 @@ class Supervisor:
         except ConfigError as exc:
             log.error("SIGHUP: config not reloaded, keeping the old one: %s", exc)
             return
+        fixed = ("redis_url", "redis_key", "redis_mode", "sentinels", "sentinel_master", "host_id")
+        changed = [name for name in fixed if getattr(config, name) != getattr(self.config, name)]
+        if changed:
+            # The processing lists, heartbeats and orphan sweeps of the running workers are
+            # under the old queue and host: moving them live could strand their tasks.
+            log.error("SIGHUP: config not reloaded: %s cannot change while running; restart "
+                      "the pool instead", ", ".join(changed))
+            return
         if handler is not None:
             self.handler = handler
-        redis_changed = (config.redis_url, config.redis_key, config.redis_mode) != (
-            self.config.redis_url, self.config.redis_key, self.config.redis_mode)
         self.config = config
         self.target = config.workers
-        if redis_changed:
-            self._client.close()
-            self._client = sync_client(config)
-            self.queue = SyncQueue(self._client, config.redis_key)
         self.pending_reload = [worker.pid for worker in self._active()]
         log.info("SIGHUP: config reloaded; replacing %d worker(s) one at a time",
                  len(self.pending_reload))
@@ -518,10 +530,10 @@ class Supervisor:
                     and self.scoreboard.get(w.slot, "state") == STARTING]
         if starting:
             return
-        old = self.workers[self.pending_reload.pop(0)]
         slot = self._free_slot(time.monotonic())
         if slot is None:
-            return
+            return  # try again next tick; the old worker stays on the list
+        old = self.workers[self.pending_reload.pop(0)]
         self._spawn(slot)
         self._retire(old, "replaced after reload")
 
@@ -531,6 +543,8 @@ class Supervisor:
         now = time.time()
         self.throughput_samples.append((time.monotonic(), self._processed_total()))
         status = self.status()
+        for key, count_delivery in list(self.requeue_later.items()):
+            self._requeue_key(key, count_delivery, key)
         try:
             self.queue.move_due_retries(now)
             self.queue.heartbeat(self.host, json.dumps(status).encode(),
@@ -564,12 +578,9 @@ class Supervisor:
         live = {w.list_id for w in self.workers.values()}
         for key in keys:
             _, list_id = self.queue.keys.processing_owner(key)
-            if list_id in live or _pid_alive(list_id):
+            if list_id in live or _pid_alive(list_id) or key.decode() in self.requeue_later:
                 continue
-            requeued, dead = self.queue.requeue(key.decode(), self.config.max_deliveries, True)
-            if requeued or dead:
-                log.warning("requeued %d orphaned task(s) from %s (%d dead-lettered)",
-                            requeued, key.decode(), dead)
+            self._requeue_key(key.decode(), True, f"dead process {list_id}")
 
     def _requeue_silent_hosts(self, now: float) -> None:
         for host in self.queue.silent_hosts(now - self.config.host_timeout):
@@ -668,11 +679,12 @@ class Supervisor:
             return
         try:
             write_json_atomic(self.status_file, status)
+            self._status_error_logged = False
         except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EACCES):
-                raise
-            log.warning("cannot write status file %s: %s", self.status_file, exc)
-            self.status_file = None
+            # A full or read-only /run must not bring the pool down; status is informative.
+            if not self._status_error_logged:
+                log.warning("cannot write status file %s: %s", self.status_file, exc)
+                self._status_error_logged = True
 
 
 def _pid_alive(list_id: str) -> bool:
