@@ -204,10 +204,13 @@ class Scoreboard:
         start = self._metrics_at + index * _METRICS_SIZE
         rows = list(by_type.items())
         if len(rows) > TYPE_ROWS:
-            # Keep the first TYPE_ROWS - 1 types; fold the rest into one row.
-            other = [sum(column) for column in zip(*(c for _, c in rows[TYPE_ROWS - 1 :]),
-                                                   strict=True)]
-            rows = rows[: TYPE_ROWS - 1] + [(OTHER_TYPES, other)]
+            # Keep the first TYPE_ROWS - 1 types; fold the rest (and any earlier "other")
+            # into one row.
+            named = [row for row in rows if row[0] != OTHER_TYPES][: TYPE_ROWS - 1]
+            kept = {name for name, _ in named}
+            folded = [counters for name, counters in rows if name not in kept]
+            other = [sum(column) for column in zip(*folded, strict=True)]
+            rows = named + [(OTHER_TYPES, other)]
         for row, (name, counters) in enumerate(rows):
             encoded = name.encode("utf-8", "replace")[:TYPE_NAME_BYTES]
             _TYPE_ROW.pack_into(self._memory, start + row * _TYPE_ROW.size, encoded, *counters)

@@ -41,6 +41,7 @@ from workerpool.scoreboard import (
     DRAINING,
     DURATION_BUCKETS,
     IDLE,
+    OTHER_TYPES,
     STOPPED,
     TYPE_COUNTERS,
     Scoreboard,
@@ -51,6 +52,7 @@ log = logging.getLogger("workerpool.worker")
 TAKEN, SUCCEEDED, FAILED, RETRIED, DEAD = (TYPE_COUNTERS.index(name) for name in (
     "taken", "succeeded", "failed", "retried", "dead"))
 INVALID_TYPE = "(invalid)"  # the type label of raws that are not tasks
+MAX_TYPES = 256  # task types counted apart; the rest are counted as OTHER_TYPES
 
 EXIT_ABANDONED = 3  # a sync handler was stuck past task_timeout (counts as a crash)
 RECONNECT_MIN = 0.1
@@ -455,10 +457,14 @@ class Worker:
         if inspect.isawaitable(result):
             await result
 
-    def _counts(self, task_type: Any) -> list[int]:
+    def _counts(self, task_type: str) -> list[int]:
         counts = self._type_counts.get(task_type)
         if counts is None:
-            counts = self._type_counts[str(task_type)] = [0] * len(TYPE_COUNTERS)
+            if len(self._type_counts) >= MAX_TYPES:  # producers inventing types: bounded
+                task_type = OTHER_TYPES
+                counts = self._type_counts.get(task_type)
+            if counts is None:
+                counts = self._type_counts[task_type] = [0] * len(TYPE_COUNTERS)
         return counts
 
     def _timed(self, started: float) -> None:
