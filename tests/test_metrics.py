@@ -38,7 +38,7 @@ def pool(write_config, redis_url, tmp_path, reaper):
     ini = write_config({
         "redis_url": redis_url, "handler": "sample_handlers:fail_by_type", "workers": 2,
         "max_retries": 1, "retry_backoff": 0.05, "pidfile": tmp_path / "wp.pid",
-        "log_level": "info",
+        "log_level": "info", "drain_timeout": 5,
     }, metrics={"port": port})
     process = subprocess.Popen(
         [sys.executable, "-m", "workerpool.cli", "--config", ini, "start", "--foreground"],
