@@ -37,9 +37,9 @@ def pool(tmp_path, write_config, reaper):
         result = subprocess.run([sys.executable, "-m", "workerpool.cli", "--config", ini, *args],
                                 env=ENV, capture_output=True, text=True, timeout=60)
         for name in ("workerpool.pid", "redis.pid"):  # whatever started, is killed at the end
-            path = run_dir / name
-            if path.exists() and path.read_text().strip().isdigit():
-                reaper.add(int(path.read_text()))
+            text = (run_dir / name).read_text().strip() if (run_dir / name).exists() else ""
+            if text.isdigit():  # read once: a starting daemon may be rewriting it
+                reaper.add(int(text))
         if check:
             assert result.returncode == 0, result.stdout + result.stderr
         return result
@@ -78,13 +78,19 @@ def test_embedded_pool_runs_and_keeps_queued_tasks_across_a_restart(pool):
 def test_embedded_server_is_adopted_after_a_supervisor_crash(pool, tmp_path):
     cli, client, config = pool
     cli("start")
-    supervisor = int((tmp_path / "run" / "workerpool.pid").read_text())
-    server = int((tmp_path / "run" / "redis.pid").read_text())
+
+    def pid_in(name: str) -> int:
+        # A daemon writes its pidfile once detached, a moment after `start` returns.
+        path = tmp_path / "run" / name
+        return int(wait_for(lambda: path.exists() and path.read_text().strip()))
+
+    supervisor = pid_in("workerpool.pid")
+    server = pid_in("redis.pid")
     os.kill(supervisor, signal.SIGKILL)
     wait_for(lambda: cli("status", check=False).returncode == 1)  # dead, pidfile left
     restarted = cli("start")
     assert "started embedded redis" not in restarted.stdout  # the running server is reused
-    assert int((tmp_path / "run" / "redis.pid").read_text()) == server
+    assert pid_in("redis.pid") == server
     task_id = cli("enqueue", "x", "{}").stdout.strip()
     wait_for(lambda: task_id.encode() in client().lrange("test:done", 0, -1))
 
