@@ -702,3 +702,22 @@ def test_settlement_args():
     assert (kind, raw, score) == (b"r", b"r", b"12.5")
     assert retry_member_task(member) == b"r2"
     assert args[7:] == [b"d", b"d", b"entry", b"0"]
+
+
+def test_a_settlement_sent_again_after_a_lost_reply_is_not_applied_twice(
+        queue, processing, redis_client):
+    # Two identical tasks (the seed's format has no id) in flight in one worker; one is acked,
+    # the reply is lost, the worker sends the same settlement again.
+    twin = b'{"type":"same","data":{}}'
+    queue.enqueue_many([twin, twin])
+    assert queue.take(processing, 2) == [twin, twin]
+    settlement = Settlement()
+    settlement.ack(twin)
+    queue.settle(processing, settlement)
+    queue.settle(processing, settlement)  # the resend
+    assert redis_client.lrange(processing, 0, -1) == [twin]  # the running copy stays
+    assert redis_client.ttl(queue.keys.settled(settlement.token)) > 0  # the mark expires
+    other = Settlement()  # a new settlement is applied as usual
+    other.ack(twin)
+    queue.settle(processing, other)
+    assert redis_client.llen(processing) == 0

@@ -162,6 +162,10 @@ class QueueKeys:
         """Hash: raw task -> how many deliveries ended with its worker dying (poison pills)."""
         return self.prefix + ":deliveries"
 
+    def settled(self, token: str) -> str:
+        """String, for a minute: this settlement was applied (a resend must not repeat it)."""
+        return f"{self.prefix}:settled:{token}"
+
     def host_status(self, host: str) -> str:
         """String: the JSON status a supervisor publishes for `status --all-hosts`."""
         return f"{self.prefix}:status:{host}"
@@ -229,7 +233,7 @@ for i = 1, count do reply[i + 1] = items[i] end
 return reply
 """
 
-# KEYS: processing, retry, dead, deliveries.
+# KEYS: processing, retry, dead, deliveries, settled-token.
 # ARGV: number of acks, the acked raws, then (kind, raw, member, score) records where kind is
 # 'r' (member goes to the retry set at score) or 'd' (member is the dead-letter entry).
 SETTLE = """
@@ -240,6 +244,9 @@ for i = acks + 2, #ARGV, 4 do
     return redis.error_reply('bad retry score ' .. ARGV[i + 3])
   end
 end
+-- Sent again after a lost reply: already applied, do nothing. (A second LREM would remove
+-- a still-running copy of an identical task.)
+if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', 60) then return -1 end
 local track = redis.call('HLEN', KEYS[4]) > 0
 for i = 2, acks + 1 do
   redis.call('LREM', KEYS[1], -1, ARGV[i])
@@ -382,11 +389,13 @@ def retry_member_task(member: bytes) -> bytes:
 class Settlement:
     """Finished deliveries of one processing list waiting to be written in one round trip."""
 
-    __slots__ = ("acks", "records")
+    __slots__ = ("acks", "records", "token")
 
     def __init__(self) -> None:
         self.acks: list[bytes] = []
         self.records: list[Any] = []
+        # Names this write: sent again after a lost reply, it is not applied twice.
+        self.token = os.urandom(8).hex()
 
     def __len__(self) -> int:
         return len(self.acks) + len(self.records) // 4
@@ -422,7 +431,8 @@ class _Base:
     def _settle_call(
         self, processing: str, settlement: Settlement
     ) -> tuple[Any, list[str], list[Any]]:
-        keys = [processing, self.keys.retry, self.keys.dead, self.keys.deliveries]
+        keys = [processing, self.keys.retry, self.keys.dead, self.keys.deliveries,
+                self.keys.settled(settlement.token)]
         return self._scripts["settle"], keys, settlement.args()
 
     def _move_due_call(self, now: float | None, limit: int) -> tuple[Any, list[str], list[Any]]:

@@ -612,36 +612,30 @@ class Worker:
             self._flushing = self.loop.create_task(self._flush())
 
     async def _flush(self) -> None:
-        """Write every pending result in one script call; on failure keep them and retry."""
+        """Write every pending result in one script call; on failure send the same call again
+        (it carries a token, so a call that did run before its reply was lost is not
+        applied twice)."""
         backoff = RECONNECT_MIN
         while len(self._pending):
             settlement, self._pending = self._pending, Settlement()
             finished, returned, failed = self._pending_counts
             self._pending_counts = [0, 0, 0]
             self._writing = settlement
-            try:
-                await self.queue.settle(self.processing_key, settlement)
-            except ResponseError as exc:
-                # Redis refused the script before writing anything (see SETTLE): sending it
-                # again cannot help. The tasks stay in the processing list and go back to the
-                # queue when this worker stops.
-                self._writing = None
-                log.error("redis refused %d result(s) (%s); they go back to the queue later",
-                          len(settlement), exc)
-                continue
-            except RedisError as exc:
-                self._writing = None
-                # Put them back in front of anything that finished meanwhile, and retry.
-                settlement.acks += self._pending.acks
-                settlement.records += self._pending.records
-                self._pending = settlement
-                counts = self._pending_counts
-                self._pending_counts = [finished + counts[0], returned + counts[1],
-                                        failed + counts[2]]
-                self._connection_lost(exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RECONNECT_MAX)
-                continue
+            while True:
+                try:
+                    await self.queue.settle(self.processing_key, settlement)
+                    break
+                except ResponseError as exc:
+                    # Redis refused the script before writing anything (see SETTLE): sending
+                    # it again cannot help. The tasks stay in the processing list and go back
+                    # to the queue when this worker stops.
+                    log.error("redis refused %d result(s) (%s); they go back to the queue later",
+                              len(settlement), exc)
+                    break
+                except RedisError as exc:
+                    self._connection_lost(exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, RECONNECT_MAX)
             self._writing = None
             self._record_settled(finished, returned, failed)
 
