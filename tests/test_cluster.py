@@ -106,7 +106,7 @@ def test_the_whole_protocol_runs_on_a_cluster(clean):
         assert queue.release_unknown(mine, []) == 1  # Lua script: taken[3] goes back
         assert queue.requeue_host("host-b", 3) == 1  # SCAN + Lua script
         queue.heartbeat("host-a", b'{"workers": []}', ttl=30)  # pipeline
-        assert [host for host, _, _ in queue.live_hosts(0)] == ["host-a"]
+        assert [host for host, _, _ in queue.live_hosts(60)] == ["host-a"]
         assert queue.counts() == {"pending": 8, "processing": 0, "retry": 0, "dead": 1}
         (_, entry), = queue.dead_entries()
         assert queue.revive(entry) is True  # Lua script: back to the queue
@@ -225,7 +225,7 @@ def test_two_supervisors_share_one_queue_and_status_lists_every_host(clean, tmp_
     assert len(pids) == 3  # all three workers, on both hosts, took part
     queue = rt.queue_for(ini_a)
     try:
-        assert queue.live_hosts(0) == []  # each supervisor forgets itself on the way out
+        assert queue.live_hosts(60) == []  # each supervisor forgets itself on the way out
     finally:
         queue.client.close()
 

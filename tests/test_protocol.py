@@ -537,11 +537,31 @@ def test_hosts_heartbeat_and_status(queue, redis_client):
     queue.heartbeat("h1", b'{"ok":1}', ttl=30)
     queue.heartbeat("h2")
     redis_client.zadd(queue.keys.hosts, {"h2": time.time() - 100})
-    assert queue.silent_hosts(time.time() - 50) == ["h2"]
-    live = queue.live_hosts(time.time() - 50)
+    assert queue.silent_hosts(50) == ["h2"]
+    live = queue.live_hosts(50)
     assert [(name, status) for name, _, status in live] == [("h1", b'{"ok":1}')]
+    assert 0 <= live[0][1] < 5  # seconds since the heartbeat
+    assert 0 < redis_client.pttl(queue.keys.host_status("h1")) <= 30_000
     queue.forget_host("h1")
-    assert queue.live_hosts(0) == [("h2", pytest.approx(time.time() - 100, abs=5), None)]
+    assert queue.live_hosts(1000) == [("h2", pytest.approx(100, abs=5), None)]
+
+
+def test_host_heartbeats_use_the_redis_clock_not_the_hosts(queue, redis_client, monkeypatch):
+    # One supervisor's clock an hour ahead, another's an hour behind: neither may take the
+    # other for a silent host (that would requeue tasks that are running).
+    seconds, micros = redis_client.time()
+    server_now = seconds + micros / 1e6
+    monkeypatch.setattr(time, "time", lambda: server_now + 3600)
+    queue.heartbeat("ahead")
+    monkeypatch.setattr(time, "time", lambda: server_now - 3600)
+    queue.heartbeat("behind")
+    beats = dict(redis_client.zrange(queue.keys.hosts, 0, -1, withscores=True))
+    assert beats[b"ahead"] == pytest.approx(server_now, abs=5)
+    assert beats[b"behind"] == pytest.approx(server_now, abs=5)
+    assert queue.silent_hosts(30) == []
+    monkeypatch.setattr(time, "time", lambda: server_now + 3600)
+    assert queue.silent_hosts(30) == []
+    assert sorted(host for host, _, _ in queue.live_hosts(30)) == ["ahead", "behind"]
 
 
 # --- keys and hash tags

@@ -231,14 +231,14 @@ def _all_hosts(config: Config) -> list[dict[str, Any]] | dict[str, str]:
     try:
         queue = _queue(config)
         try:
-            hosts = queue.live_hosts(time.time() - config.host_timeout)
+            hosts = queue.live_hosts(config.host_timeout)
         finally:
             queue.client.close()
     except RedisError as exc:
         return {"error": str(exc)}
     result = []
-    for host, beat, status in hosts:
-        entry: dict[str, Any] = {"host": host, "heartbeat_age": round(time.time() - beat, 1)}
+    for host, age, status in hosts:
+        entry: dict[str, Any] = {"host": host, "heartbeat_age": round(age, 1)}
         if status:
             entry["supervisor"] = json.loads(status)
         result.append(entry)

@@ -367,6 +367,33 @@ end
 return 0
 """
 
+# Host heartbeats are stamped and judged with the Redis server's clock, so supervisors on
+# hosts whose clocks disagree never take a live host for a silent one.
+# KEYS: hosts, host status. ARGV: host, status ttl in ms, [status].
+HEARTBEAT = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], now[1] .. '.' .. string.format('%06d', now[2]), ARGV[1])
+if ARGV[3] then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+end
+"""
+
+# KEYS: hosts. ARGV: seconds. Returns {server time, host, beat, host, beat, ...} of the hosts
+# last heard more than (ARGV[1] > 0) or at most (ARGV[1] < 0) |ARGV[1]| seconds ago.
+HOSTS_BY_AGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local age = tonumber(ARGV[1])
+local found
+if age >= 0 then
+  found = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - age), 'WITHSCORES')
+else
+  found = redis.call('ZRANGEBYSCORE', KEYS[1], now + age, '+inf', 'WITHSCORES')
+end
+table.insert(found, 1, t[1] .. '.' .. string.format('%06d', t[2]))
+return found
+"""
+
 SCRIPTS = {
     "take": TAKE,
     "settle": SETTLE,
@@ -374,6 +401,8 @@ SCRIPTS = {
     "requeue": REQUEUE,
     "release_unknown": RELEASE_UNKNOWN,
     "revive": REVIVE,
+    "heartbeat": HEARTBEAT,
+    "hosts_by_age": HOSTS_BY_AGE,
 }
 
 
@@ -528,29 +557,27 @@ class SyncQueue(_Base):
 
     def heartbeat(self, host: str, status: bytes | None = None, ttl: float = 60.0) -> None:
         """Record that this host's supervisor is alive (and publish its status)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(self.keys.hosts, {host: time.time()})
-        if status is not None:
-            pipe.set(self.keys.host_status(host), status, px=int(ttl * 1000))
-        pipe.execute()
+        args: list[Any] = [host, int(ttl * 1000)] + ([status] if status is not None else [])
+        self._scripts["heartbeat"](keys=[self.keys.hosts, self.keys.host_status(host)],
+                                   args=args)
 
     def forget_host(self, host: str) -> None:
         self.client.zrem(self.keys.hosts, host)
         self.client.delete(self.keys.host_status(host))
 
-    def silent_hosts(self, older_than: float) -> list[str]:
-        """Hosts whose last heartbeat is older than `older_than` (unix time)."""
-        hosts = self.client.zrangebyscore(self.keys.hosts, "-inf", older_than)
-        return [host.decode() for host in hosts]
+    def _hosts_by_age(self, seconds: float) -> list[tuple[str, float]]:
+        reply = self._scripts["hosts_by_age"](keys=[self.keys.hosts], args=[repr(seconds)])
+        now = float(reply[0])
+        return [(reply[i].decode(), now - float(reply[i + 1])) for i in range(1, len(reply), 2)]
 
-    def live_hosts(self, newer_than: float) -> list[tuple[str, float, bytes | None]]:
-        """(host, last heartbeat, published status) of every host heard since `newer_than`."""
-        hosts = self.client.zrangebyscore(self.keys.hosts, newer_than, "+inf", withscores=True)
-        result = []
-        for host, beat in hosts:
-            name = host.decode()
-            result.append((name, float(beat), self.client.get(self.keys.host_status(name))))
-        return result
+    def silent_hosts(self, timeout: float) -> list[str]:
+        """Hosts not heard for over `timeout` seconds, by the Redis server's clock."""
+        return [host for host, _ in self._hosts_by_age(timeout)]
+
+    def live_hosts(self, timeout: float) -> list[tuple[str, float, bytes | None]]:
+        """(host, seconds since its heartbeat, published status) of hosts heard within `timeout`."""
+        return [(host, age, self.client.get(self.keys.host_status(host)))
+                for host, age in self._hosts_by_age(-timeout)]
 
     def counts(self, host: str | None = None) -> dict[str, int]:
         """Queue depths: pending, processing (of a host, or all), retry, dead."""

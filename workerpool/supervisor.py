@@ -552,7 +552,7 @@ class Supervisor:
             if time.monotonic() >= self._next_orphan_sweep:
                 self._next_orphan_sweep = time.monotonic() + ORPHAN_SWEEP_PERIOD
                 self._sweep_orphans()
-                self._requeue_silent_hosts(now)
+                self._requeue_silent_hosts()
             if self._redis_error_logged:
                 log.warning("redis reachable again")
                 self._redis_error_logged = False
@@ -582,8 +582,8 @@ class Supervisor:
                 continue
             self._requeue_key(key.decode(), True, f"dead process {list_id}")
 
-    def _requeue_silent_hosts(self, now: float) -> None:
-        for host in self.queue.silent_hosts(now - self.config.host_timeout):
+    def _requeue_silent_hosts(self) -> None:
+        for host in self.queue.silent_hosts(self.config.host_timeout):
             if host == self.host:
                 continue
             moved = self.queue.requeue_host(host, self.config.max_deliveries)
