@@ -4,7 +4,7 @@ The clients find the master through the Sentinels (with the Sentinels' own passw
 counts the replica, a change of master reaches the pool once as a connection error (never a
 silent switch), and 5,000 tasks run to completion through a forced `SENTINEL FAILOVER` in the
 middle of the load: none lost, duplicates only for what ran on the old master before the pool
-noticed. Two more sets: the same failover with `min-replicas-to-write 1` (no duplicates, a
+noticed. Two more sets: the same failover with `min-replicas-to-write 1` (no split brain, a
 long pause), and the death of the master (SIGKILL), which is what Sentinel is for.
 """
 
@@ -164,7 +164,7 @@ def test_5000_tasks_ride_through_a_sentinel_failover(ini, clean, tmp_path):
 @pytest.mark.slow
 def test_5000_tasks_through_a_failover_with_min_replicas_to_write(tmp_path):
     """min-replicas-to-write 1 with one replica: the old master refuses writes as soon as its
-    replica is promoted, so the pool runs nothing twice there; the price is a pause until
+    replica is promoted, so the pool runs nothing there after the switch; the price is a pause until
     Sentinel makes the old master the new one's replica (the new master has none before)."""
     rt.require_redis()
     topology = rt.SentinelSet(replicas=1, sentinels=3,
@@ -180,7 +180,9 @@ def test_5000_tasks_through_a_failover_with_min_replicas_to_write(tmp_path):
         topology.close()
     rt.report(result)
     assert result.tally.lost == 0, result.tally
-    assert result.tally.duplicates <= rt.IN_FLIGHT, result.figures
+    # The tasks in flight, and writes the old master acknowledged but had not yet sent to its
+    # replica when Sentinel promoted it (more of them when the machine is busy).
+    assert result.tally.duplicates <= 2 * rt.IN_FLIGHT, result.figures
     assert "NOREPLICAS" in result.log
 
 
