@@ -238,6 +238,8 @@ def test_host_name_defaults_to_hostname():
         ("unix:///run/redis.sock?db=1&password=secret", "unix:///run/redis.sock?db=1&password=***"),
         ("redis://:pw@db:notaport", "redis://:***@db:notaport"),
         ("redis://:pw@[db", "redis://***@[db"),
+        ("redis://:ab/cd@db:6379/0", "redis://:***@db:6379/0"),
+        ("redis://app:a?b#c@db/0", "redis://app:***@db/0"),
     ],
 )
 def test_mask_url_hides_passwords(url, masked):
@@ -418,6 +420,55 @@ FILE_ERRORS = [
         id="url-db",
     ),
     pytest.param(
+        "[workerpool]\nredis_url = redis://localhost:6379/0?socket_timeout=5\n",
+        ["{path} [workerpool] redis_url = 'redis://localhost:6379/0?socket_timeout=5': "
+         + URL_FORMS, "(query option 'socket_timeout' is not supported: only db"],
+        id="url-query-option",
+    ),
+    pytest.param(
+        "[workerpool]\nredis_url = unix:///run/redis.sock?db=one\n",
+        ["{path} [workerpool] redis_url = 'unix:///run/redis.sock?db=one': " + URL_FORMS,
+         "(db must be a number)"],
+        id="url-query-db",
+    ),
+    pytest.param(
+        "[workerpool]\nhost_id = web:2\n",
+        ["{path} [workerpool] host_id = 'web:2': expected a name without spaces and without "
+         "any of : * ? [ ] \\ {{ }}"],
+        id="host-id-with-colon",
+    ),
+    pytest.param(
+        "[workerpool]\npidfile = /tmp/x.pid\n  workers = 4\n",
+        ["{path} [workerpool] pidfile = '/tmp/x.pid\\nworkers = 4': expected a single line"],
+        id="indented-line-continues-a-value",
+    ),
+    pytest.param(
+        "[workerpool]\nworkers = 1__0\n",
+        ["{path} [workerpool] workers = '1__0': " + INTEGER_FROM_1],
+        id="int-with-double-underscore",
+    ),
+    pytest.param(
+        "[workerpool]\ninterval = nan\n",
+        ["{path} [workerpool] interval = 'nan': expected a number > 0"],
+        id="float-nan",
+    ),
+    pytest.param(
+        "[email]\nfrom_addr =\n",
+        ["{path} [email] from_addr = '': expected an e-mail address"],
+        id="empty-from-addr",
+    ),
+    pytest.param(
+        "[email]\nfrom_addr = nobody\n",
+        ["{path} [email] from_addr = 'nobody': expected an e-mail address"],
+        id="from-addr-without-domain",
+    ),
+    pytest.param(
+        "[file_process]\noutput_dir = ../out\n",
+        ["{path} [file_process] output_dir = '../out': "
+         "expected an absolute path or a path inside base_dir"],
+        id="output-dir-escaping-base-dir",
+    ),
+    pytest.param(
         "[workerpool]\nredis_url = unix://\n",
         ["{path} [workerpool] redis_url = 'unix://': " + URL_FORMS],
         id="url-unix-without-path",
@@ -520,6 +571,11 @@ def test_passwords_stay_out_of_error_messages(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(search=False, environ={}, overrides={"redis_url": "redis://:hunter2@db/x"})
     assert "command line --redis-url: redis_url = 'redis://:***@db/x'" in str(caught.value)
+    # Unquoted "/", "?" or "#" in a password end urlsplit's netloc early: still masked.
+    with pytest.raises(ConfigError) as caught:
+        load_config(search=False, environ={"WORKERPOOL_REDIS_URL": "redis://:p/w?x#y@db:1/0"})
+    assert "p/w?x#y" not in str(caught.value)
+    assert "redis_url = 'redis://:***@db:1/0'" in str(caught.value)
     # An unknown key might be a mistyped password key: its value is not echoed.
     typo = write_ini(tmp_path, "[email]\npasword = smtp-secret\n", "typo.ini")
     with pytest.raises(ConfigError) as caught:

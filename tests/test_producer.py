@@ -59,6 +59,29 @@ def test_redis_key_override(config, redis_client):
     assert redis_client.llen("async_tasks") == 0
 
 
+def test_redis_key_override_keeps_every_other_setting(tmp_path, redis_url, redis_client):
+    # A sentinel or TLS config given with redis_key= must stay a sentinel or TLS config.
+    password_file = tmp_path / "password"
+    password_file.write_text("")
+    sentinel = load_config(None, search=False, environ={}, overrides={
+        "redis_mode": "sentinel", "sentinels": "10.0.0.1:26379", "sentinel_master": "jobs",
+        "password_file": str(password_file)})
+    moved = producer._config(sentinel, None, "other{q}")
+    assert (moved.redis_key, moved.redis_mode, moved.sentinels, moved.sentinel_master,
+            moved.password_file) == ("other{q}", "sentinel", (("10.0.0.1", 26379),), "jobs",
+                                     str(password_file))
+    with pytest.raises(workerpool.config.ConfigError, match="redis_key = 'two words'"):
+        producer._config(sentinel, None, "two words")
+    # Two configs on one URL that differ elsewhere get clients of their own.
+    plain = load_config(None, search=False, environ={}, overrides={"redis_url": redis_url})
+    other = plain.replace(max_payload_bytes=10)
+    try:
+        assert producer._sync_queue(plain) is not producer._sync_queue(other)
+        assert producer._sync_queue(plain) is producer._sync_queue(plain.replace())
+    finally:
+        producer.close()
+
+
 def test_async_enqueue(config, redis_client):
     async def produce():
         one = await workerpool.enqueue_async("x", {"n": 1}, config=config)

@@ -12,13 +12,15 @@ import configparser
 import dataclasses
 import importlib
 import os
+import re
 import socket
 import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_SEARCH_PATH = ("./workerpool.ini", "/etc/workerpool/workerpool.ini")
 ENV_PREFIX = "WORKERPOOL_"
@@ -32,16 +34,21 @@ class ConfigError(Exception):
 # with the "what is allowed" half of the message.
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     allowed = f"expected a whole number >= {minimum}"
     if maximum is not None:
         allowed = f"expected a whole number from {minimum} to {maximum}"
 
     def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip().replace("_", ""))
-        except ValueError:
-            raise ValueError(allowed) from None
+        text = raw.strip()
+        # int() alone would also take "_1", "1__0" and non-ASCII digits.
+        if not _INT_TEXT.fullmatch(text):
+            raise ValueError(allowed)
+        value = int(text)
         if value < minimum or (maximum is not None and value > maximum):
             raise ValueError(allowed)
         return value
@@ -53,12 +60,11 @@ def _float(minimum: float, *, strict: bool = False) -> Callable[[str], float]:
     allowed = f"expected a number {'>' if strict else '>='} {minimum:g}"
 
     def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError(allowed) from None
-        if value != value or value in (float("inf"), float("-inf")):
+        text = raw.strip()
+        # float() alone would also take "nan", "inf", "1_0" and non-ASCII digits.
+        if not _FLOAT_TEXT.fullmatch(text):
             raise ValueError(allowed)
+        value = float(text)
         if value < minimum or (strict and value == minimum):
             raise ValueError(allowed)
         return value
@@ -115,6 +121,15 @@ def _redis_url(raw: str) -> str:
         raise ValueError(allowed) from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(allowed)
+    # redis-py lets options in the query win over the pool's own settings (a socket_timeout
+    # below interval breaks every blocking take; a password would beat password_file).
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    for name, option_value in query:
+        if name != "db":
+            raise ValueError(allowed + f" (query option {name!r} is not supported: only db; "
+                             "set a password with password_file or WORKERPOOL_REDIS_PASSWORD)")
+        if not option_value.isdigit():
+            raise ValueError(allowed + " (db must be a number)")
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError(allowed)
@@ -128,6 +143,24 @@ def _redis_url(raw: str) -> str:
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise ValueError(allowed + " (db must be a number)")
+    return value
+
+
+def _email_address(raw: str) -> str:
+    value = raw.strip()
+    _, address = parseaddr(value)
+    if "@" not in address or any(ord(ch) < 32 or ch == "\x7f" for ch in value):
+        raise ValueError("expected an e-mail address, e.g. workerpool@example.com "
+                         "or Name <workerpool@example.com>")
+    return value
+
+
+def _host_id(raw: str) -> str:
+    value = raw.strip()
+    # host_id is a segment of processing-list keys, matched with glob patterns: a ':' would let
+    # host "web" claim host "web:2"'s lists, glob characters would match other hosts'.
+    if any(ch.isspace() or ch in ":*?[]\\{}" for ch in value):
+        raise ValueError("expected a name without spaces and without any of : * ? [ ] \\ { }")
     return value
 
 
@@ -219,7 +252,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("workerpool", "crash_window", _float(0.0, strict=True), 60.0),
     _o("workerpool", "max_tasks_per_worker", _int(0), 0),
     _o("workerpool", "max_memory_per_worker", _int(0), 0),
-    _o("workerpool", "host_id", _str, ""),
+    _o("workerpool", "host_id", _host_id, ""),
     _o("workerpool", "host_timeout", _float(0.0, strict=True), 30.0),
     # --- daemon
     _o("workerpool", "pidfile", _str, ""),
@@ -234,7 +267,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("email", "port", _int(1, 65535), 25),
     _o("email", "username", _str, ""),
     _o("email", "password", _str, ""),
-    _o("email", "from_addr", _str, "workerpool@localhost"),
+    _o("email", "from_addr", _email_address, "workerpool@localhost"),
     _o("email", "starttls", _bool, False),
     _o("email", "ssl", _bool, False),
     _o("email", "timeout", _float(0.0, strict=True), 30.0),
@@ -339,7 +372,13 @@ def mask_url(url: str) -> str:
     userinfo, at, hostport = parts.netloc.rpartition("@")
     if at and ":" in userinfo:
         netloc = userinfo.partition(":")[0] + ":***@" + hostport
-        url = url.replace("//" + parts.netloc, "//" + netloc, 1)
+        return url.replace("//" + parts.netloc, "//" + netloc, 1)
+    # A password holding "/", "?" or "#" unquoted ends the netloc early: urlsplit then sees no
+    # userinfo at all. Hide everything from the user's ":" to the last "@".
+    scheme, slashes, rest = url.partition("//")
+    head, at, tail = rest.rpartition("@")
+    if slashes and at and ":" in head:
+        return scheme + slashes + head.partition(":")[0] + ":***@" + tail
     return url
 
 
@@ -396,12 +435,31 @@ def _read_file(path: str) -> configparser.ConfigParser:
     return parser
 
 
+def _single_line(raw: str) -> str:
+    if "\n" in raw.strip() or "\r" in raw:
+        # configparser joins an indented line to the value above it.
+        raise ValueError("expected a single line (an indented line continues the value above; "
+                         "remove the indentation of the next key)")
+    return raw
+
+
 def _parse(option: Option, raw: str, where: str) -> Any:
     try:
-        return option.parse(raw)
+        return option.parse(_single_line(raw))
     except ValueError as exc:
         shown = mask_url(raw) if option.name == "redis_url" else raw  # never print a password
         raise ConfigError(f"{where} {option.name} = {shown!r}: {exc}") from None
+
+
+def _setting_text(attr: str, raw: Any) -> str:
+    """A settings value as the text an INI file would hold."""
+    if isinstance(raw, bool):
+        return str(raw).lower()
+    if attr == "sentinels" and not isinstance(raw, str):
+        # [("h", 26379), ...] or ["h:26379", ...]; anything else fails the parser's check.
+        return ", ".join(item if isinstance(item, str) else ":".join(map(str, item))
+                         for item in raw)
+    return str(raw)
 
 
 def load_config(
@@ -450,8 +508,7 @@ def load_config(
                               + ", ".join(sorted(_BY_ATTR)))
         if raw is None:
             continue
-        text = ", ".join(f"{h}:{p}" for h, p in raw) if attr == "sentinels" and not isinstance(
-            raw, str) else str(raw).lower() if isinstance(raw, bool) else str(raw)
+        text = _setting_text(attr, raw)
         values[attr] = _parse(option, text, f"{settings_name}[{attr!r}]:")
         origins[attr] = settings_name
 
@@ -497,6 +554,13 @@ def _check_consistency(config: Config) -> None:
             f"{config.describe(tls_files[0])} {tls_files[0]} = {getattr(config, tls_files[0])!r}: "
             f"TLS settings need a rediss:// redis_url (redis_url is "
             f"{mask_url(config.redis_url)!r})"
+        )
+    output_dir = config.file_process_output_dir
+    if output_dir and not os.path.isabs(output_dir) and (
+            os.path.normpath(output_dir).split(os.sep)[0] == ".."):
+        raise ConfigError(
+            f"{config.describe('file_process_output_dir')} output_dir = {output_dir!r}: "
+            "expected an absolute path or a path inside base_dir (no leading ..)"
         )
     local = config.redis_url.startswith("unix:") or config.redis_url == "embedded"
     if config.redis_mode != "standalone" and local:

@@ -23,18 +23,27 @@ from workerpool.protocol import AsyncQueue, SyncQueue, new_task
 TaskSpec = tuple[str, Any] | dict[str, Any]
 
 _lock = threading.Lock()
-_sync_queues: dict[tuple[int, str, str], SyncQueue] = {}
+_sync_queues: dict[tuple[int, Config], SyncQueue] = {}
+# The pool's config as found on disk and in the environment, read once per process (and per
+# redis_url / redis_key given), not at every enqueue().
+_found_configs: dict[tuple[str | None, str | None], Config] = {}
 
 
 def _config(config: Config | None, redis_url: str | None, redis_key: str | None) -> Config:
     if config is None:
-        config = load_config(None, overrides={"redis_url": redis_url, "redis_key": redis_key})
-    elif redis_url or redis_key:
-        config = load_config(None, search=False, environ={}, overrides={
-            **{name: getattr(config, name) for name in ("redis_url", "redis_key", "redis_mode")},
-            **({"redis_url": redis_url} if redis_url else {}),
-            **({"redis_key": redis_key} if redis_key else {}),
-        })
+        with _lock:
+            found = _found_configs.get((redis_url, redis_key))
+            if found is None:
+                found = _found_configs[(redis_url, redis_key)] = load_config(
+                    None, overrides={"redis_url": redis_url, "redis_key": redis_key})
+        return found
+    if redis_url or redis_key:
+        # Checked as the command line's values would be; every other setting (mode, TLS,
+        # sentinels, password_file) stays the given config's.
+        checked = load_config(None, search=False, environ={},
+                              overrides={"redis_url": redis_url, "redis_key": redis_key})
+        config = config.replace(**{name: getattr(checked, name) for name, value in (
+            ("redis_url", redis_url), ("redis_key", redis_key)) if value})
     return config
 
 
@@ -53,8 +62,9 @@ def _tasks(specs: Iterable[TaskSpec]) -> list[dict[str, Any]]:
 
 
 def _sync_queue(config: Config) -> SyncQueue:
-    # Keyed by pid too: a client must not be shared across fork.
-    key = (os.getpid(), config.redis_url, config.redis_key)
+    # Keyed by pid too: a client must not be shared across fork. The whole config is in the
+    # key: two configs on one URL may differ in mode, TLS or password.
+    key = (os.getpid(), config)
     with _lock:
         queue = _sync_queues.get(key)
         if queue is None:
@@ -145,3 +155,4 @@ def close() -> None:
         for queue in _sync_queues.values():
             queue.client.close()
         _sync_queues.clear()
+        _found_configs.clear()
