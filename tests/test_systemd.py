@@ -137,6 +137,7 @@ def test_unit_says_what_the_supervisor_relies_on(source: str) -> None:
     assert seconds(service["TimeoutStopSec"]) > DRAIN_TIMEOUT_DEFAULT
     assert seconds(service["WatchdogSec"]) > 0
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"  # a bad config is not mended by restarts
     assert service["User"] and service["User"] != "root"
     assert service["ExecStart"].split()[-2:] == ["start", "--foreground"]
     assert "WantedBy" in unit["Install"]
