@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import logging
 import os
+import signal
 import smtplib
 import socket
 from collections.abc import Iterator
@@ -322,13 +323,80 @@ def test_move_creates_parents_and_refuses_to_overwrite(tree: Path) -> None:
 
 def test_move_copies_when_a_hard_link_is_impossible(tree: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def cross_device(src: str, dst: str) -> None:
+    def no_hard_links(src: str, dst: str, **options: Any) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(handlers.os, "link", cross_device)
+    os.chmod(tree / "report.csv", 0o640)
+    os.utime(tree / "report.csv", (1_600_000_000, 1_600_000_000))
+    monkeypatch.setattr(handlers.os, "link", no_hard_links)
     run(file_task("report.csv", "move", dest="elsewhere/report.csv"))
     assert not (tree / "report.csv").exists()
-    assert (tree / "elsewhere" / "report.csv").read_bytes() == b"a,b\n1,2\n"
+    moved = tree / "elsewhere" / "report.csv"
+    assert moved.read_bytes() == b"a,b\n1,2\n"
+    assert (moved.stat().st_mode & 0o777, moved.stat().st_mtime) == (0o640, 1_600_000_000)
+    assert os.listdir(tree / "elsewhere") == ["report.csv"]  # no temporary left
+
+
+def visible_files(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def test_a_killed_copy_leaves_no_partial_dest_and_is_redone(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    content = (tree / "sub" / "data.bin").read_bytes()
+    link = os.link
+
+    def protected_hardlinks(src: str, dst: str, **options: Any) -> None:
+        # As fs.protected_hardlinks does for a source owned by someone else; the handler's own
+        # temporary files (".name.*.tmp") may be linked.
+        if not os.path.basename(src).startswith("."):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        link(src, dst, **options)
+
+    monkeypatch.setattr(handlers.os, "link", protected_hardlinks)
+    killed = 77
+    pid = os.fork()
+    if pid == 0:  # the worker, killed halfway through the copy (no cleanup runs)
+        try:
+            def copy_half_then_die(source: Any, out: Any, length: int = 0) -> None:
+                out.write(source.read(len(content) // 2))
+                out.flush()
+                os._exit(killed)
+
+            handlers.shutil.copyfileobj = copy_half_then_die  # type: ignore[assignment]
+            run(file_task("sub/data.bin", "move", dest="archive/data.bin"))
+        finally:
+            os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == killed
+    assert not (tree / "archive" / "data.bin").exists()
+    assert (tree / "sub" / "data.bin").read_bytes() == content
+
+    run(file_task("sub/data.bin", "move", dest="archive/data.bin"))  # the redelivery
+    assert (tree / "archive" / "data.bin").read_bytes() == content
+    assert not (tree / "sub" / "data.bin").exists()
+    assert visible_files(tree / "archive") == ["data.bin"]
+
+
+@pytest.mark.parametrize(("dest_content", "done"), [
+    (b"a,b\n1,2\n", True),  # an earlier delivery copied it, then died before the unlink
+    (b"a,b\n1,3\n", False),  # the same size, another file: never lose either
+])
+def test_move_finishes_an_interrupted_copy(tree: Path, dest_content: bytes, done: bool) -> None:
+    (tree / "moved.csv").write_bytes(dest_content)
+    if done:
+        run(file_task("report.csv", "move", dest="moved.csv"))
+        assert not (tree / "report.csv").exists()
+    else:
+        with pytest.raises(TaskRejected, match="already exists"):
+            run(file_task("report.csv", "move", dest="moved.csv"))
+        assert (tree / "report.csv").read_bytes() == b"a,b\n1,2\n"
+    assert (tree / "moved.csv").read_bytes() == dest_content
+
+
+def test_move_to_itself_keeps_the_file(tree: Path) -> None:
+    with pytest.raises(TaskRejected, match="already exists"):
+        run(file_task("report.csv", "move", dest="sub/../report.csv"))
+    assert (tree / "report.csv").read_bytes() == b"a,b\n1,2\n"
 
 
 def test_move_finishes_an_interrupted_move(tree: Path) -> None:
@@ -381,6 +449,120 @@ def test_bad_file_tasks_are_rejected(tree: Path, data: dict, reason: str) -> Non
     with pytest.raises(TaskRejected, match=reason):
         run({"type": "file_process", "data": data})
     assert (tree / "report.csv").read_bytes() == b"a,b\n1,2\n"
+
+
+def all_entries(top: Path) -> list[str]:
+    """Every name under top, not following symlinks."""
+    return sorted(os.path.relpath(os.path.join(directory, name), top)
+                  for directory, dirs, files in os.walk(top) for name in dirs + files)
+
+
+def swap_in(tree: Path, what: str) -> None:
+    """What a hostile user of base_dir does between the handler's check and its use."""
+    outside = tree.parent / "outside"
+    if what == "parent symlink":
+        (tree / "box").rename(tree / "box.old")
+        (tree / "box").symlink_to(outside, target_is_directory=True)
+    else:
+        (tree / "box" / "secret.txt").rename(tree / "box" / "secret.old")
+        if what == "symlink":
+            (tree / "box" / "secret.txt").symlink_to(outside / "secret.txt")
+        else:
+            os.mkfifo(tree / "box" / "secret.txt")
+
+
+@pytest.mark.parametrize("operation", ["checksum", "gzip", "move"])
+@pytest.mark.parametrize(("what", "reason"), [
+    ("parent symlink", "outside base_dir"),
+    ("symlink", "became a symlink"),
+    ("fifo", "not a regular file"),
+])
+def test_a_path_changed_after_its_check_is_not_followed(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, operation: str, what: str,
+        reason: str) -> None:
+    (tree / "box").mkdir()
+    (tree / "box" / "secret.txt").write_bytes(b"harmless\n")
+    confine = handlers._confine
+
+    def check_then_swap(base: str, value: Any, field: str) -> str:
+        real = confine(base, value, field)
+        if field == "path":  # the attacker wins the race, deterministically
+            swap_in(tree, what)
+        return real
+
+    monkeypatch.setattr(handlers, "_confine", check_then_swap)
+    before = all_entries(tree.parent / "outside")
+
+    def hung(signum: int, frame: Any) -> None:
+        raise TimeoutError("the handler blocked")
+
+    # Called directly (no thread): the alarm interrupts an open() that would block.
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(TaskRejected, match=reason):
+            handlers._run_file_operation(handlers._config(), operation,
+                                         {"path": "box/secret.txt", "dest": "taken.txt"})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    secret = tree.parent / "outside" / "secret.txt"
+    assert all_entries(tree.parent / "outside") == before
+    assert secret.read_bytes() == b"top secret\n" and secret.stat().st_nlink == 1
+    assert not os.path.lexists(tree / "taken.txt")
+    results = [name for name in all_entries(tree) if name.endswith((".sha256", ".gz"))]
+    assert results == []
+
+
+def test_move_rejects_a_source_swapped_for_a_symlink_before_the_link(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tree.parent / "outside" / "secret.txt"
+    link = os.link
+
+    def swap_then_link(src: str, dst: str, **options: Any) -> None:
+        (tree / "report.csv").rename(tree / "report.old")
+        (tree / "report.csv").symlink_to(secret)
+        link(src, dst, **options)
+
+    monkeypatch.setattr(handlers.os, "link", swap_then_link)
+    with pytest.raises(TaskRejected, match="'report.csv' was replaced while being moved"):
+        run(file_task("report.csv", "move", dest="moved.csv"))
+    assert not os.path.lexists(tree / "moved.csv")
+    assert (tree / "report.csv").is_symlink()  # not ours to remove
+    assert (tree / "report.old").read_bytes() == b"a,b\n1,2\n"
+    assert secret.read_bytes() == b"top secret\n" and secret.stat().st_nlink == 1
+
+
+def test_move_through_a_parent_swapped_before_the_link_moves_the_checked_file(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tree.parent / "outside" / "secret.txt"
+    (tree / "box").mkdir()
+    (tree / "box" / "secret.txt").write_bytes(b"harmless\n")
+    link = os.link
+
+    def swap_then_link(src: str, dst: str, **options: Any) -> None:
+        swap_in(tree, "parent symlink")
+        link(src, dst, **options)
+
+    monkeypatch.setattr(handlers.os, "link", swap_then_link)
+    run(file_task("box/secret.txt", "move", dest="moved.txt"))
+    assert (tree / "moved.txt").read_bytes() == b"harmless\n"
+    assert not (tree / "box.old" / "secret.txt").exists()
+    assert secret.read_bytes() == b"top secret\n" and secret.stat().st_nlink == 1
+
+
+def test_untrusted_paths_are_logged_quoted(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tree / "a\nb.csv").write_bytes(b"x\n")
+    forged = "x.csv\n2024-01-01 00:00:00 INFO worker 1: forged line"
+    with caplog.at_level(logging.INFO, logger="workerpool.handlers"):
+        with pytest.raises(TaskRejected):
+            run(file_task(forged))
+        run(file_task("a\nb.csv", "gzip"))
+        run(file_task("a\nb.csv", "checksum"))
+        run(file_task("a\nb.csv", "move", dest="c\nd.csv"))
+    ours = handler_log(caplog)
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+    assert repr(forged) in ours
 
 
 def test_fifo_is_rejected_without_blocking(tree: Path) -> None:

@@ -15,13 +15,13 @@ import gzip
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import smtplib
 import ssl
 import stat
-import tempfile
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses, make_msgid
 from typing import Any, BinaryIO
@@ -188,6 +188,17 @@ async def _email(config: Config, data: dict) -> None:
 
 
 # --- file_process
+#
+# Task paths are untrusted, and the tree under base_dir may change while a task runs. A path
+# string checked once and then used again can lead elsewhere the second time: a directory swapped
+# for a symlink in between is followed (O_NOFOLLOW guards only the last component). So each file
+# and directory is opened once, the open descriptor is checked (the kernel says where it really
+# is, in /proc/self/fd), and later work goes through it: reads from the open file; creating,
+# linking and unlinking names relative to an open directory.
+
+# O_NONBLOCK: opening a FIFO swapped in for the file must not wait for a writer.
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _base_dir(config: Config) -> str:
@@ -198,6 +209,10 @@ def _base_dir(config: Config) -> str:
     return base
 
 
+def _inside(root: str, path: str) -> bool:
+    return os.path.isabs(path) and os.path.commonpath([root, path]) == root
+
+
 def _confine(base: str, value: Any, field: str) -> str:
     """The real path of `value` (relative to base), rejected unless it stays inside base."""
     if not isinstance(value, str) or not value or "\0" in value:
@@ -205,63 +220,126 @@ def _confine(base: str, value: Any, field: str) -> str:
     if os.path.isabs(value):
         raise TaskRejected(f"file_process task: {field} {value!r} must be relative to base_dir")
     real = os.path.realpath(os.path.join(base, value))
-    if os.path.commonpath([base, real]) != base:
+    if not _inside(base, real):
         raise TaskRejected(f"file_process task: {field} {value!r} is outside base_dir")
     return real
 
 
-def _source(base: str, data: dict) -> tuple[str, os.stat_result]:
+def _fd_path(fd: int) -> str:
+    """Where an open file or directory really is, whatever path string led to it."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        raise OSError(errno.ENOENT, "file_process needs /proc to check paths") from None
+
+
+def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+
+
+@contextlib.contextmanager
+def _directory(root: str, path: str, what: str) -> Iterator[int]:
+    """Directory `path` opened, rejected unless the opened directory is inside root."""
+    fd = os.open(path, _OPEN_DIR)
+    try:
+        if not _inside(root, _fd_path(fd)):
+            raise TaskRejected(f"file_process task: {what}")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _source(base: str, data: dict) -> Iterator[tuple[str, BinaryIO, os.stat_result]]:
+    """The task's `path` opened for reading: its real path, the open file and its fstat()."""
     path = data.get("path")
     real = _confine(base, path, "path")
     try:
-        info = os.stat(real)
+        fd = os.open(real, _OPEN_FILE)
     except (FileNotFoundError, NotADirectoryError):
         raise TaskRejected(f"file_process task: no such file {path!r} under base_dir") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise TaskRejected(f"file_process task: {path!r} is a directory")
-    if not stat.S_ISREG(info.st_mode):
-        raise TaskRejected(f"file_process task: {path!r} is not a regular file")
-    return real, info
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # realpath() resolved every symlink: this one is new
+            raise TaskRejected(f"file_process task: {path!r} became a symlink") from None
+        if exc.errno == errno.ENXIO:  # a socket
+            raise TaskRejected(f"file_process task: {path!r} is not a regular file") from None
+        raise
+    try:
+        info = os.fstat(fd)  # of what was opened, not of what the path names now
+        if stat.S_ISDIR(info.st_mode):
+            raise TaskRejected(f"file_process task: {path!r} is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise TaskRejected(f"file_process task: {path!r} is not a regular file")
+        # The open followed whatever the parent directories were by then: see where it led.
+        if not _inside(base, _fd_path(fd)):
+            raise TaskRejected(f"file_process task: path {path!r} is outside base_dir")
+        os.set_blocking(fd, True)
+        source = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with source:
+        yield real, source, info
 
 
-def _open_source(real: str) -> BinaryIO:
-    # realpath() checked the path; O_NOFOLLOW stops a symlink swapped in since then.
-    return open(real, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW))
+def _sha256(fd: int) -> str:
+    """The SHA-256 of an open file's content (pread(): the file offset stays where it was)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
 
 
-def _output_path(config: Config, base: str, real: str, suffix: str) -> str:
-    """Where the result of `real` goes: beside it, or mirrored under output_dir."""
+def _output_path(config: Config, base: str, real: str, suffix: str) -> tuple[str, str]:
+    """Where the result of `real` goes (beside it, or mirrored under output_dir), and the
+    directory it must stay inside."""
     setting = config.file_process_output_dir
     if not setting:
-        return real + suffix
+        return base, real + suffix
     out = os.path.realpath(os.path.join(base, setting))
     # A relative output_dir lives in base_dir; an absolute one is the operator's own choice.
     root = out if os.path.isabs(setting) else base
-    if os.path.commonpath([root, out]) != root:
+    if not _inside(root, out):
         raise TaskRejected(f"[file_process] output_dir {setting!r} is outside base_dir")
     target = os.path.join(out, os.path.relpath(real, base) + suffix)
-    # realpath() resolves the existing part: a symlinked subdirectory cannot lead out.
-    if os.path.commonpath([out, os.path.realpath(os.path.dirname(target))]) != out:
+    # realpath() resolves the existing part: a symlinked subdirectory cannot lead out. (Nor can
+    # one swapped in later: _write_atomic() checks the directory it opens.)
+    if not _inside(out, os.path.realpath(os.path.dirname(target))):
         raise TaskRejected(f"file_process task: output {target!r} is outside output_dir")
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    return target
+    return out, target
 
 
-def _write_atomic(target: str, mode: int, write: Callable[[BinaryIO], Any]) -> None:
-    """Write `target` through a temporary file, so readers never see half a result."""
+def _temporary(dir_fd: int, name: str) -> tuple[str, BinaryIO]:
+    """A new hidden file beside `name` in directory dir_fd, open for writing."""
+    while True:
+        temporary = f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        return temporary, os.fdopen(fd, "wb")
+
+
+def _write_atomic(root: str, target: str, mode: int, write: Callable[[BinaryIO], Any]) -> None:
+    """Write `target` (inside root) through a temporary file: readers never see half a result."""
     directory, name = os.path.split(target)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, stat.S_IMODE(mode) & 0o666)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with _directory(root, directory, f"output {target!r} is outside {root!r}") as dir_fd:
+        temporary, out = _temporary(dir_fd, name)
+        try:
+            with out:
+                write(out)
+                out.flush()
+                os.fchmod(out.fileno(), stat.S_IMODE(mode) & 0o666)
+                os.fsync(out.fileno())
+            os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=dir_fd)
+            raise
 
 
 def _sha256sum_line(digest: str, name: str) -> bytes:
@@ -274,65 +352,127 @@ def _sha256sum_line(digest: str, name: str) -> bytes:
 
 
 def _checksum(config: Config, base: str, data: dict) -> None:
-    real, info = _source(base, data)
-    digest = hashlib.sha256()
-    with _open_source(real) as source:
-        while chunk := source.read(CHUNK):
-            digest.update(chunk)
-    target = _output_path(config, base, real, ".sha256")
-    line = _sha256sum_line(digest.hexdigest(), os.path.basename(real))
-    _write_atomic(target, info.st_mode, lambda out: out.write(line))
-    log.info("sha256 %s  %s", digest.hexdigest(), data["path"])
+    with _source(base, data) as (real, source, info):
+        digest = _sha256(source.fileno())
+    root, target = _output_path(config, base, real, ".sha256")
+    line = _sha256sum_line(digest, os.path.basename(real))
+    _write_atomic(root, target, info.st_mode, lambda out: out.write(line))
+    log.info("sha256 %s  %r", digest, data["path"])
 
 
 def _gzip(config: Config, base: str, data: dict) -> None:
-    real, info = _source(base, data)
-    target = _output_path(config, base, real, ".gz")
+    with _source(base, data) as (real, source, info):
+        root, target = _output_path(config, base, real, ".gz")
 
-    def write(out: BinaryIO) -> None:
-        with _open_source(real) as source, gzip.GzipFile(
-            os.path.basename(real), "wb", fileobj=out, mtime=int(info.st_mtime)
-        ) as compressed:
-            shutil.copyfileobj(source, compressed, CHUNK)
+        def write(out: BinaryIO) -> None:
+            with gzip.GzipFile(os.path.basename(real), "wb", fileobj=out,
+                               mtime=int(info.st_mtime)) as compressed:
+                shutil.copyfileobj(source, compressed, CHUNK)
 
-    _write_atomic(target, info.st_mode, write)
-    log.info("gzipped %s to %s", data["path"], target)
+        _write_atomic(root, target, info.st_mode, write)
+    log.info("gzipped %r to %r", data["path"], target)
 
 
 def _move(config: Config, base: str, data: dict) -> None:
-    real, _ = _source(base, data)
-    dest = _confine(base, data.get("dest"), "dest")
-    if dest != real and os.path.isfile(dest) and os.path.samefile(real, dest):
-        # An earlier delivery linked dest, then died before removing the source: finish it.
-        os.unlink(real)
-        return
-    try:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        _link_or_copy(real, dest)
-    except (FileExistsError, NotADirectoryError):
-        raise TaskRejected(f"file_process task: dest {data['dest']!r} already exists "
-                           "(or a file is in its way)") from None
-    os.unlink(real)
-    log.info("moved %s to %s", data["path"], data["dest"])
+    path, dest_value = data.get("path"), data.get("dest")
+    with _source(base, data) as (real, source, info):
+        dest = _confine(base, dest_value, "dest")
+        (directory, name), (dest_directory, dest_name) = os.path.split(real), os.path.split(dest)
+        try:
+            os.makedirs(dest_directory, exist_ok=True)
+            with (_directory(base, directory, f"path {path!r} is outside base_dir") as src_fd,
+                  _directory(base, dest_directory,
+                             f"dest {dest_value!r} is outside base_dir") as dest_fd):
+                if name == dest_name and _same_file(os.fstat(src_fd), os.fstat(dest_fd)):
+                    raise FileExistsError  # dest is path itself: "finishing" would delete it
+                if not _holds(dest_fd, dest_name, source, info):
+                    _link_or_copy(source, info, src_fd, name, dest_fd, dest_name, path)
+                removed = _unlink_if_same(src_fd, name, info)
+        except (FileExistsError, NotADirectoryError):
+            raise TaskRejected(f"file_process task: dest {dest_value!r} already exists "
+                               "(or a file is in its way)") from None
+    if removed:
+        log.info("moved %r to %r", path, dest_value)
+    else:
+        log.warning("moved %r to %r, but path now names another file: left that", path,
+                    dest_value)
 
 
-def _link_or_copy(real: str, dest: str) -> None:
-    """Make dest hold real's content; unlike rename(), never replace an existing dest."""
+def _holds(dir_fd: int, name: str, source: BinaryIO, info: os.stat_result) -> bool:
+    """Whether `name` already holds source's content: an earlier delivery of this task made it,
+    then died before removing the source (if it linked: the same file; if it copied: the same
+    bytes)."""
     try:
-        os.link(real, dest)
-        return
+        fd = os.open(name, _OPEN_FILE, dir_fd=dir_fd)
+    except OSError:
+        return False  # nothing there, or nothing to compare (a symlink): link() will tell
+    try:
+        there = os.fstat(fd)
+        if _same_file(there, info):
+            return True
+        return (stat.S_ISREG(there.st_mode) and there.st_size == info.st_size
+                and _sha256(fd) == _sha256(source.fileno()))
+    finally:
+        os.close(fd)
+
+
+def _unlink_if_same(dir_fd: int, name: str, info: os.stat_result) -> bool:
+    """Remove `name` if it still names the file `info` describes; a file put there since stays."""
+    try:
+        if not _same_file(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), info):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:  # gone already: what matters is that it is not left behind
+        pass
+    return True
+
+
+def _link_or_copy(source: BinaryIO, info: os.stat_result, src_fd: int, name: str, dest_fd: int,
+                  dest_name: str, path: str) -> None:
+    """Make dest hold source's content; unlike rename(), never replace an existing dest."""
+    try:
+        # follow_symlinks=False: a symlink swapped in for the source is linked as itself.
+        os.link(name, dest_name, src_dir_fd=src_fd, dst_dir_fd=dest_fd, follow_symlinks=False)
     except OSError as exc:
         if isinstance(exc, FileExistsError) or exc.errno not in _NO_LINK:
             raise
-    with _open_source(real) as source, open(dest, "xb") as out:
-        try:
+        _copy(source, info, dest_fd, dest_name)
+        return
+    if not _same_file(os.stat(dest_name, dir_fd=dest_fd, follow_symlinks=False), info):
+        # Another file (or a symlink) took the source's name after the checks: take it back.
+        os.unlink(dest_name, dir_fd=dest_fd)
+        raise TaskRejected(f"file_process task: {path!r} was replaced while being moved")
+
+
+def _copy(source: BinaryIO, info: os.stat_result, dir_fd: int, name: str) -> None:
+    """Copy source to `name` through a temporary file: a worker killed while copying leaves no
+    partial dest behind (only a hidden .tmp file), so the redelivery can copy again."""
+    temporary, out = _temporary(dir_fd, name)
+    try:
+        with out:
+            source.seek(0)
             shutil.copyfileobj(source, out, CHUNK)
             out.flush()
+            os.fchmod(out.fileno(), stat.S_IMODE(info.st_mode))
+            os.utime(out.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
             os.fsync(out.fileno())
-        except BaseException:
-            os.unlink(dest)
-            raise
-    shutil.copystat(real, dest)
+        try:
+            os.link(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError) or exc.errno not in _NO_LINK:
+                raise
+            # No hard links at all on this filesystem. rename() replaces an existing dest, so
+            # look first: only a dest made in the instant between can be lost.
+            try:
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            else:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name) from None
+    finally:
+        with contextlib.suppress(OSError):  # gone already after rename()
+            os.unlink(temporary, dir_fd=dir_fd)
+    os.fsync(dir_fd)  # the new name, too, survives a crash
 
 
 OPERATIONS: dict[str, Callable[[Config, str, dict], None]] = {
@@ -346,7 +486,8 @@ def _run_file_operation(config: Config, operation: str, data: dict) -> None:
 
 async def _file_process(config: Config, data: dict) -> None:
     operation = data.get("operation", "checksum")
-    log.info("file_process task: %s %s", operation, data.get("path"))
+    # %r: the path is untrusted and unchecked yet; a newline in it must not forge a log line.
+    log.info("file_process task: %r %r", operation, data.get("path"))
     if not config.file_process_base_dir:
         raise TaskRejected("file_process is disabled: set [file_process] base_dir")
     if not isinstance(operation, str) or operation not in OPERATIONS:
