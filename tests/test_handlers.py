@@ -24,7 +24,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from workerpool import handlers
 from workerpool.config import Config, load_config
 from workerpool.errors import TaskRejected
-from workerpool.handlers import async_handle, workerpool_setup
+from workerpool.handlers import async_handle, files, workerpool_setup
 
 USER, PASSWORD = "mailer", "s3cret-pw"
 
@@ -328,7 +328,7 @@ def test_move_copies_when_a_hard_link_is_impossible(tree: Path,
 
     os.chmod(tree / "report.csv", 0o640)
     os.utime(tree / "report.csv", (1_600_000_000, 1_600_000_000))
-    monkeypatch.setattr(handlers.os, "link", no_hard_links)
+    monkeypatch.setattr(files.os, "link", no_hard_links)
     run(file_task("report.csv", "move", dest="elsewhere/report.csv"))
     assert not (tree / "report.csv").exists()
     moved = tree / "elsewhere" / "report.csv"
@@ -353,7 +353,7 @@ def test_a_killed_copy_leaves_no_partial_dest_and_is_redone(
             raise OSError(errno.EPERM, "Operation not permitted")
         link(src, dst, **options)
 
-    monkeypatch.setattr(handlers.os, "link", protected_hardlinks)
+    monkeypatch.setattr(files.os, "link", protected_hardlinks)
     killed = 77
     pid = os.fork()
     if pid == 0:  # the worker, killed halfway through the copy (no cleanup runs)
@@ -363,7 +363,7 @@ def test_a_killed_copy_leaves_no_partial_dest_and_is_redone(
                 out.flush()
                 os._exit(killed)
 
-            handlers.shutil.copyfileobj = copy_half_then_die  # type: ignore[assignment]
+            files.shutil.copyfileobj = copy_half_then_die  # type: ignore[assignment]
             run(file_task("sub/data.bin", "move", dest="archive/data.bin"))
         finally:
             os._exit(1)
@@ -482,7 +482,7 @@ def test_a_path_changed_after_its_check_is_not_followed(
         reason: str) -> None:
     (tree / "box").mkdir()
     (tree / "box" / "secret.txt").write_bytes(b"harmless\n")
-    confine = handlers._confine
+    confine = files._confine
 
     def check_then_swap(base: str, value: Any, field: str) -> str:
         real = confine(base, value, field)
@@ -490,7 +490,7 @@ def test_a_path_changed_after_its_check_is_not_followed(
             swap_in(tree, what)
         return real
 
-    monkeypatch.setattr(handlers, "_confine", check_then_swap)
+    monkeypatch.setattr(files, "_confine", check_then_swap)
     before = all_entries(tree.parent / "outside")
 
     def hung(signum: int, frame: Any) -> None:
@@ -501,8 +501,8 @@ def test_a_path_changed_after_its_check_is_not_followed(
     signal.alarm(5)
     try:
         with pytest.raises(TaskRejected, match=reason):
-            handlers._run_file_operation(handlers._config(), operation,
-                                         {"path": "box/secret.txt", "dest": "taken.txt"})
+            files._run_file_operation(handlers._config(), operation,
+                                      {"path": "box/secret.txt", "dest": "taken.txt"})
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -524,7 +524,7 @@ def test_move_rejects_a_source_swapped_for_a_symlink_before_the_link(
         (tree / "report.csv").symlink_to(secret)
         link(src, dst, **options)
 
-    monkeypatch.setattr(handlers.os, "link", swap_then_link)
+    monkeypatch.setattr(files.os, "link", swap_then_link)
     with pytest.raises(TaskRejected, match="'report.csv' was replaced while being moved"):
         run(file_task("report.csv", "move", dest="moved.csv"))
     assert not os.path.lexists(tree / "moved.csv")
@@ -544,7 +544,7 @@ def test_move_through_a_parent_swapped_before_the_link_moves_the_checked_file(
         swap_in(tree, "parent symlink")
         link(src, dst, **options)
 
-    monkeypatch.setattr(handlers.os, "link", swap_then_link)
+    monkeypatch.setattr(files.os, "link", swap_then_link)
     run(file_task("box/secret.txt", "move", dest="moved.txt"))
     assert (tree / "moved.txt").read_bytes() == b"harmless\n"
     assert not (tree / "box.old" / "secret.txt").exists()

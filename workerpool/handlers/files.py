@@ -1,190 +1,30 @@
-"""The built-in default handler: the seed's task types `email` and `file_process`.
-
-The worker calls `workerpool_setup(config)` once per process; tasks then use the [email] and
-[file_process] settings. Bad input raises TaskRejected (dead-lettered at once); anything else
-that goes wrong (SMTP server down, disk full) propagates and the worker retries the task.
-"""
+"""The `file_process` task type: checksum, gzip or move a file confined to base_dir."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
-import functools
 import gzip
 import hashlib
 import logging
 import os
 import secrets
 import shutil
-import smtplib
-import ssl
 import stat
-import unicodedata
 from collections.abc import Callable, Iterator
-from email.message import EmailMessage
-from email.utils import formatdate, getaddresses, make_msgid
 from typing import Any, BinaryIO
 
-from workerpool.config import Config, load_config
+from workerpool.config import Config
 from workerpool.errors import TaskRejected
 
+# The package's logger: records keep the name they had before the split.
 log = logging.getLogger("workerpool.handlers")
 
 CHUNK = 1024 * 1024
 # link() fails with these where a copy still works: across mounts, on filesystems without
 # hard links, or under fs.protected_hardlinks.
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP}
-
-_settings: Config | None = None
-
-
-def workerpool_setup(config: Config) -> None:
-    """Keep the validated config for this worker process's tasks."""
-    global _settings
-    _settings = config
-
-
-def _config() -> Config:
-    global _settings
-    if _settings is None:  # called without a worker (tests, scripts): plain defaults
-        _settings = load_config(None, search=False)
-    return _settings
-
-
-async def async_handle(task: dict) -> None:
-    """Run one decoded task according to its type."""
-    if not isinstance(task, dict):
-        raise TaskRejected("a task must be a JSON object")
-    config = _config()
-    kind = task.get("type")
-    if kind == "email":
-        await _email(config, _data(task, kind))
-    elif kind == "file_process":
-        await _file_process(config, _data(task, kind))
-    elif config.unknown_types == "dead":
-        raise TaskRejected(f"unknown task type {kind!r}")
-    else:
-        data = repr(task.get("data"))
-        log.info("task of unknown type %r acknowledged: %s", kind,
-                 data if len(data) <= 200 else data[:197] + "...")
-
-
-def _data(task: dict, kind: str) -> dict:
-    data = task.get("data")
-    if not isinstance(data, dict):
-        raise TaskRejected(f"{kind} task: data must be a JSON object, not {type(data).__name__}")
-    return data
-
-
-# --- email
-
-
-def _header(field: str, value: str) -> str:
-    # Unicode line separators count too: some parsers and folding code split on them.
-    for char in value:
-        if char in "\r\n" or (char != "\t" and unicodedata.category(char) in ("Cc", "Zl", "Zp")):
-            raise TaskRejected(f"email task: {field} contains a line break or control character")
-    return value
-
-
-def _text(data: dict, field: str, *, required: bool = True) -> str | None:
-    value = data.get(field)
-    if not isinstance(value, str) and (required or value is not None):
-        raise TaskRejected(f"email task: {field} is required and must be a string")
-    return value
-
-
-def _addresses(field: str, value: Any, *, required: bool = False) -> tuple[str, list[str]]:
-    """The header text and the bare addresses of a string or list-of-strings field."""
-    items = [value] if isinstance(value, str) else value
-    if items is None:
-        items = []
-    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise TaskRejected(f"email task: {field} must be a string or a list of strings")
-    items = [_header(field, item).strip() for item in items]
-    items = [item for item in items if item]
-    if required and not items:
-        raise TaskRejected(f"email task: {field} is required")
-    bare = [address for _, address in getaddresses(items)]
-    for address in bare:
-        local, _, domain = address.rpartition("@")
-        if not local or not domain or any(char.isspace() for char in address):
-            raise TaskRejected(f"email task: {field} holds an invalid address {address!r}")
-    return ", ".join(items), bare
-
-
-def _build_email(config: Config, data: dict) -> tuple[EmailMessage, str, list[str]]:
-    to_header, to = _addresses("to", data.get("to"), required=True)
-    cc_header, cc = _addresses("cc", data.get("cc"))
-    _, bcc = _addresses("bcc", data.get("bcc"))
-    reply_header, _ = _addresses("reply_to", data.get("reply_to"))
-    from_header, sender = _addresses("from", data.get("from") or config.email_from_addr,
-                                     required=True)
-    if len(sender) != 1:
-        raise TaskRejected("email task: from must be a single address")
-    subject = _header("subject", _text(data, "subject"))
-    body = _text(data, "body")
-    html = _text(data, "html", required=False)
-    try:
-        message = EmailMessage()
-        message["From"] = from_header
-        message["To"] = to_header
-        if cc:
-            message["Cc"] = cc_header
-        if reply_header:
-            message["Reply-To"] = reply_header
-        message["Subject"] = subject
-        message["Date"] = formatdate(localtime=True)
-        message["Message-ID"] = make_msgid(domain=sender[0].rpartition("@")[2])
-        message.set_content(body)
-        if html is not None:
-            message.add_alternative(html, subtype="html")
-    except Exception as exc:  # building is deterministic: a retry would fail the same way
-        raise TaskRejected(f"email task: cannot build the message: {exc}") from exc
-    # Bcc recipients are only in the envelope, never in a header.
-    return message, sender[0], list(dict.fromkeys(to + cc + bcc))
-
-
-@functools.lru_cache(maxsize=1)
-def _tls_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
-
-
-def _send(config: Config, message: EmailMessage, sender: str, recipients: list[str]) -> dict:
-    """Deliver through the configured server; the recipients it refused (others got it)."""
-    if config.email_ssl:
-        connect: Callable[..., smtplib.SMTP] = functools.partial(smtplib.SMTP_SSL,
-                                                                 context=_tls_context())
-    else:
-        connect = smtplib.SMTP
-    with connect(config.email_host, config.email_port, timeout=config.email_timeout) as client:
-        if config.email_starttls and not config.email_ssl:
-            client.starttls(context=_tls_context())
-        if config.email_username:
-            client.login(config.email_username, config.email_password)
-        return client.send_message(message, sender, recipients)
-
-
-def _smtp_reason(refused: dict) -> str:
-    return "; ".join(f"{address}: {code} {reply.decode('utf-8', 'replace')}"
-                     for address, (code, reply) in refused.items())
-
-
-async def _email(config: Config, data: dict) -> None:
-    message, sender, recipients = _build_email(config, data)
-    log.info("email task: to=%s subject=%r", message["To"], str(message["Subject"]))
-    try:
-        refused = await asyncio.to_thread(_send, config, message, sender, recipients)
-    except smtplib.SMTPRecipientsRefused as exc:
-        # Only a permanent refusal of everyone is final; any 4xx may pass on a later try.
-        if exc.recipients and all(code >= 500 for code, _ in exc.recipients.values()):
-            raise TaskRejected(f"email task: every recipient refused: "
-                               f"{_smtp_reason(exc.recipients)}") from None
-        raise
-    if refused:
-        # Retrying would mail the accepted recipients twice: report and move on.
-        log.warning("email sent, but some recipients were refused: %s", _smtp_reason(refused))
 
 
 # --- file_process
@@ -484,7 +324,8 @@ def _run_file_operation(config: Config, operation: str, data: dict) -> None:
     OPERATIONS[operation](config, _base_dir(config), data)
 
 
-async def _file_process(config: Config, data: dict) -> None:
+async def process_file(config: Config, data: dict) -> None:
+    """Run a file_process task's operation on a file under [file_process] base_dir."""
     operation = data.get("operation", "checksum")
     # %r: the path is untrusted and unchecked yet; a newline in it must not forge a log line.
     log.info("file_process task: %r %r", operation, data.get("path"))
