@@ -84,21 +84,42 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, step: float
 
 
 class ProcessReaper:
-    """Remember every pid a test starts and kill the survivors at the end, by pid."""
+    """Remember every pid a test starts and kill the survivors at the end, by pid.
+
+    A pid is remembered with its process's start time (field 22 of /proc/PID/stat): at the
+    end only a process still alive with that same start time is killed, never another one
+    that was given the pid after ours exited.
+    """
 
     def __init__(self) -> None:
-        self.pids: set[int] = set()
+        self.pids: dict[int, int | None] = {}
 
     def add(self, pid: int) -> int:
-        self.pids.add(pid)
+        self.pids[pid] = _start_time(pid)
         return pid
 
     def kill_all(self) -> None:
-        for pid in self.pids:
+        for pid, started in self.pids.items():
+            if started is None or _start_time(pid) != started:
+                continue  # gone (or was already gone when added), or the pid is another's now
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of a live process, None if it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    # The command name in parentheses may hold spaces: fields count from the last ')'.
+    fields = data[data.rfind(b")") + 1 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])  # field 22 overall; fields[0] is field 3 (the state)
 
 
 @pytest.fixture

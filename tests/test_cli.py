@@ -414,3 +414,126 @@ def wait_for_value(probe, timeout: float = 10.0):
             return value
         time.sleep(0.01)
     raise AssertionError("timed out")
+
+
+def test_password_on_the_command_line_of_any_command_is_not_shown_by_ps(tmp_path, redis_url,
+                                                                        reaper):
+    """Not only `start`: `enqueue --file -` waits on its stdin with the URL in its argv."""
+    port = redis_url.split(":")[2].split("/")[0]
+    ini = tmp_path / "wp.ini"
+    ini.write_text(f"[workerpool]\npidfile = {tmp_path / 'wp.pid'}\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workerpool.cli", "--config", str(ini), "enqueue", "--file", "-",
+         "--redis-url", f"redis://:hunter2@127.0.0.1:{port}/0"],
+        env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reaper.add(process.pid)
+    try:
+        def title() -> str:
+            with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
+                return handle.read().replace(b"\0", b" ").decode()
+
+        shown = wait_for_value(lambda: title() if "enqueue" in title() and "python" not in
+                               title() else None)
+        assert "hunter2" not in shown and shown.startswith("workerpool: enqueue")
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+
+
+def test_status_all_hosts_of_an_embedded_pool_not_running_exits_3(tmp_path):
+    path = tmp_path / "embedded.ini"
+    path.write_text("\n".join([
+        "[workerpool]", "redis_url = embedded", f"run_dir = {tmp_path / 'run'}",
+        f"state_dir = {tmp_path / 'state'}", f"pidfile = {tmp_path / 'run' / 'wp.pid'}",
+    ]) + "\n")
+    result = run_cli(str(path), "status", "--all-hosts")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "workerpool is not running" in result.stdout
+    assert "runs only while the pool runs" in result.stdout
+    report = run_cli(str(path), "status", "--all-hosts", "--json")
+    assert report.returncode == 3
+    assert "runs only while the pool runs" in json.loads(report.stdout)["hosts"]["error"]
+
+
+HOLD_PIDFILE = """
+import signal, sys, time
+from workerpool.daemon import PidFile
+if sys.argv[2] == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a pool that does not stop on TERM
+PidFile(sys.argv[1]).acquire()
+time.sleep(60)
+"""
+
+
+def hold_pidfile(pidfile: Path, reaper, mode: str = "") -> subprocess.Popen:
+    """A process (of this user) that holds `pidfile` locked, as a running pool does."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_PIDFILE, str(pidfile), mode or "-"],
+                              env={**cli_env(), "PYTHONPATH": PROJECT})
+    reaper.add(holder.pid)
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip() == str(holder.pid)):
+        assert time.monotonic() < deadline and holder.poll() is None, "pidfile not taken"
+        time.sleep(0.02)
+    return holder
+
+
+STOP_AS_NOBODY = """
+import os, sys
+from workerpool import cli  # imported as root: the interpreter's files are root's only
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(cli.main(["--config", sys.argv[1], "stop"]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a pool of another user")
+def test_stop_of_another_users_pool_is_a_clear_error(reaper):
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="workerpool-stop-"))
+    try:
+        shared.chmod(0o755)  # nobody reads the config and the pidfile here
+        pidfile = shared / "wp.pid"
+        ini = shared / "wp.ini"
+        ini.write_text(f"[workerpool]\npidfile = {pidfile}\n")
+        ini.chmod(0o644)
+        holder = hold_pidfile(pidfile, reaper)
+        try:
+            result = subprocess.run([sys.executable, "-c", STOP_AS_NOBODY, str(ini)],
+                                    capture_output=True, text=True, timeout=30,
+                                    env={**cli_env(), "PYTHONPATH": PROJECT}, cwd="/")
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "Traceback" not in result.stderr
+            assert (f"not allowed to signal the pool (pid {holder.pid}, another user's): run "
+                    "this as root or as the pool's user") in result.stderr
+            assert holder.poll() is None
+        finally:
+            holder.kill()
+            holder.wait(10)
+    finally:
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_stop_waits_drain_timeout_and_a_margin_by_default(tmp_path, reaper):
+    from workerpool.cli import STOP_MARGIN
+
+    pidfile = tmp_path / "wp.pid"
+    ini = tmp_path / "wp.ini"
+    ini.write_text(f"[workerpool]\npidfile = {pidfile}\ndrain_timeout = 0.5\n")
+    holder = hold_pidfile(pidfile, reaper, "ignore-term")
+    try:
+        started = time.monotonic()
+        # The old fixed 60 s default would outlast this timeout.
+        result = run_cli(str(ini), "stop", timeout=STOP_MARGIN + 20)
+        waited = time.monotonic() - started
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"still running after {0.5 + STOP_MARGIN:g}s: sending SIGQUIT" in result.stderr
+        assert 0.5 + STOP_MARGIN <= waited < 0.5 + STOP_MARGIN + 10
+        assert holder.wait(5) == -3  # SIGQUIT
+    finally:
+        holder.kill()
+        holder.wait(10)

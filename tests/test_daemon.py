@@ -507,17 +507,35 @@ while time.monotonic() < deadline and not os.path.exists(stop):
 """
 
 
-def _start_daemon(tmp_path: Path) -> tuple[int, int, float, Path, Path, Path]:
-    """Run the snippet; (launcher pid, its exit code, seconds it took, pidfile, marker, stop)."""
+@pytest.fixture
+def start_daemon(tmp_path: Path, reaper) -> Iterator:
+    """Run the snippet: (launcher pid, its exit code, seconds it took, pidfile, marker, stop).
+
+    At the end the stop file is created whatever happened, so a daemon whose pid the test
+    never learned (an assertion failed first) exits within 50 ms instead of living 30 s; one
+    still alive after that is killed by pid.
+    """
     pidfile = tmp_path / "run" / "wp.pid"
     marker, stop = tmp_path / "marker", tmp_path / "stop"
-    started = time.monotonic()
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", DAEMON_SNIPPET, str(pidfile), str(marker), str(stop)],
-        env=dict(os.environ, PYTHONPATH=PROJECT),
-    )
-    code = launcher.wait(timeout=20)
-    return launcher.pid, code, time.monotonic() - started, pidfile, marker, stop
+
+    def start() -> tuple[int, int, float, Path, Path, Path]:
+        started = time.monotonic()
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", DAEMON_SNIPPET, str(pidfile), str(marker), str(stop)],
+            env=dict(os.environ, PYTHONPATH=PROJECT),
+        )
+        reaper.add(launcher.pid)
+        code = launcher.wait(timeout=20)
+        return launcher.pid, code, time.monotonic() - started, pidfile, marker, stop
+
+    yield start
+    stop.touch()
+    daemon_pids = {_daemon_pid(pidfile)}
+    if marker.exists() and marker.read_text().split():
+        daemon_pids.add(int(marker.read_text().split()[0]))
+    for pid in daemon_pids - {None}:
+        reaper.add(pid)  # killed by the reaper unless it exits on the stop file now
+        wait_for_exit(pid, 5)
 
 
 def _daemon_pid(pidfile: Path) -> int | None:
@@ -528,8 +546,8 @@ def _daemon_pid(pidfile: Path) -> int | None:
     return int(text) if text.endswith("\n") else None
 
 
-def test_daemonize_detaches_and_locks_the_pidfile(tmp_path: Path) -> None:
-    launcher, code, elapsed, pidfile, marker, _stop = _start_daemon(tmp_path)
+def test_daemonize_detaches_and_locks_the_pidfile(start_daemon) -> None:
+    launcher, code, elapsed, pidfile, marker, _stop = start_daemon()
     pid = None
     try:
         assert code == 0
@@ -552,8 +570,8 @@ def test_daemonize_detaches_and_locks_the_pidfile(tmp_path: Path) -> None:
     assert pidfile_state(str(pidfile)) == ("stale", pid)
 
 
-def test_daemon_exiting_normally_removes_its_pidfile(tmp_path: Path) -> None:
-    _launcher, code, _elapsed, pidfile, marker, stop = _start_daemon(tmp_path)
+def test_daemon_exiting_normally_removes_its_pidfile(start_daemon) -> None:
+    _launcher, code, _elapsed, pidfile, marker, stop = start_daemon()
     assert code == 0
     assert wait_until(lambda: _daemon_pid(pidfile) is not None and marker.exists())
     pid = _daemon_pid(pidfile)

@@ -113,3 +113,80 @@ def _up(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_idle_clients_do_not_stall_the_supervisor(pool):
+    import socket
+    import time
+
+    port, _ = pool
+    wait_for(lambda: _up(port), timeout=15)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(6)]
+    try:
+        started = time.monotonic()
+        samples = scrape(port)  # queued behind six clients that never send a request
+        elapsed = time.monotonic() - started
+    finally:
+        for connection in idle:
+            connection.close()
+    assert "workerpool_workers" in samples
+    # Read with a 2 s timeout each, the six held the scrape (and the loop) 12 s.
+    assert elapsed < 3.5, elapsed
+
+
+def test_workers_do_not_keep_the_metrics_port(write_config, redis_url, redis_client, tmp_path,
+                                              reaper):
+    import signal
+    import socket
+    import time
+
+    port = free_port()
+    ini = write_config({
+        "redis_url": redis_url, "handler": "sample_handlers:slow", "workers": 1,
+        "pidfile": tmp_path / "wp.pid", "drain_timeout": 10,
+    }, metrics={"port": port})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workerpool.cli", "--config", ini, "start", "--foreground"],
+        env={**os.environ, "PYTHONPATH": TESTS}, stderr=open(tmp_path / "log", "w"))
+    reaper.add(process.pid)
+    wait_for(lambda: _up(port), timeout=15)
+    SyncQueue(redis_client, "async_tasks").enqueue(new_task("slow", {"seconds": 4}, id="s"))
+    wait_for(lambda: redis_client.lrange("test:started", 0, -1) == [b"s"], timeout=10)
+    workers = _children(process.pid)
+    assert len(workers) == 1
+    for pid in workers:
+        reaper.add(pid)
+    process.kill()  # the supervisor dies; its worker finishes its task, orphaned
+    process.wait(10)
+    with socket.socket() as successor:
+        successor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        successor.bind(("127.0.0.1", port))  # EADDRINUSE while a worker held the listener
+        assert all(_running(pid) for pid in workers)  # bound while the worker still lives
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the orphaned worker did not exit"
+        time.sleep(0.05)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return []
+    return data[data.rfind(b")") + 1:].split()
+
+
+def _running(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in (b"Z", b"X")
+
+
+def _children(pid: int) -> set[int]:
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()
+            and _running(int(entry)) and int(_stat_fields(int(entry))[1]) == pid}

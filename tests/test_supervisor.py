@@ -213,11 +213,13 @@ def start_pool(tmp_path: Path, reaper: ProcessReaper) -> Iterator[Callable[..., 
     pools: list[Pool] = []
 
     def start(ini: str, *args: str, env: dict[str, str] | None = None,
-              new_session: bool = False, name: str = "pool") -> Pool:
+              new_session: bool = False, name: str = "pool",
+              argv: list[str] | None = None) -> Pool:
+        """`argv` replaces the command (e.g. a snippet running a Supervisor with hooks)."""
         log_path = tmp_path / f"{name}.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                cli_args(ini, "start", "--foreground", *args),
+                argv or cli_args(ini, "start", "--foreground", *args),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 env=env or cli_env(), cwd=PROJECT, start_new_session=new_session,
             )
@@ -504,6 +506,13 @@ def test_crash_loop_exits_1(pool_ini, redis_client, start_pool):
     log = pool.log()
     assert "crash loop" in log
     assert "crash_limit 3" in log
+    # crash_limit deaths stop the pool: the third, not a fourth (the workers killed on the
+    # way out come after the message).
+    before_stop = log[: log.index("crash loop")]
+    deaths = re.findall(r"supervisor: worker \d+ \(pid \d+\) (?:exited|was killed)", before_stop)
+    assert len(deaths) == 3, before_stop
+    assert "crash loop: 3 worker deaths within crash_window 30s (crash_limit 3): stopping " \
+        "the pool" in log
     # Nothing lost on the way out: every task is back in the queue.
     assert depths(redis_client) == {"pending": 20, "processing": 0, "retry": 0, "dead": 0}
     assert processing_keys(redis_client) == []
@@ -882,3 +891,279 @@ def test_reload_refuses_to_move_a_running_pool_to_another_queue(pool_ini, redis_
     assert pool.status()["redis_key"] == QUEUE
     os.kill(pool.pid, signal.SIGTERM)
     assert pool.wait(15) == 0
+
+
+# --- the reviewer's defects: Redis hanging, startup stops, slots, reloads, orphans, reaper
+
+SUPERVISOR_SNIPPET = """
+import os, sys, time
+from workerpool.config import load_config, load_handler
+from workerpool.daemon import status_path
+from workerpool.logs import setup_logging
+from workerpool.supervisor import Supervisor
+
+ini, after_fork_delay, parent_fork_delay = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+if parent_fork_delay:
+    real_fork = os.fork
+
+    def fork_then_pause_the_parent():
+        pid = real_fork()
+        if pid:
+            time.sleep(parent_fork_delay)  # the child runs ahead of the parent's bookkeeping
+        return pid
+
+    os.fork = fork_then_pause_the_parent
+config = load_config(ini)
+setup_logging(config.log_level)
+supervisor = Supervisor(config, load_handler(config), reload_config=lambda: load_config(ini),
+                        status_file=status_path(config.pidfile),
+                        after_fork=(lambda: time.sleep(after_fork_delay))
+                        if after_fork_delay else None)
+sys.exit(supervisor.run())
+"""
+
+
+def supervisor_argv(ini: str, *, after_fork_delay: float = 0.0,
+                    parent_fork_delay: float = 0.0) -> list[str]:
+    """A Supervisor run directly, with a slow after_fork (like django.setup()) or a parent
+    that pauses after each fork."""
+    return [sys.executable, "-c", SUPERVISOR_SNIPPET, ini, str(after_fork_delay),
+            str(parent_fork_delay)]
+
+
+def test_redis_hanging_does_not_freeze_the_supervisor_loop(pool_ini, make_redis_server,
+                                                           start_pool, tmp_path):
+    server = make_redis_server()
+    ini = pool_ini(redis_url=server.url, workers=3, drain_timeout=2)
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.05)
+    pings: list[float] = []
+
+    def receive(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if "WATCHDOG=1" in sock.recv(4096).decode().split("\n"):
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                pass
+
+    stopped = False
+    try:
+        pool = start_pool(ini, env=cli_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="30000000"))
+        workers = {w["pid"] for w in wait_running(pool, 3)["workers"]}
+        receive(1.0)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        stopped = True
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        receive(5.0)  # three requeues fail: one try a tick, replacements start meanwhile
+        pool.workers()
+        os.kill(pool.pid, signal.SIGTERM)
+        term_sent = time.monotonic()
+        # Without a cap per tick, three requeues of 10 s each held TERM back ~30 s.
+        while "SIGTERM received: draining" not in pool.log():
+            assert time.monotonic() - term_sent < 5, pool.log()
+            receive(0.1)
+        receive(2.0)
+        gaps = [later - earlier for earlier, later in zip(pings, pings[1:], strict=False)]
+        # systemd's WatchdogSec=30 would abort a loop silent for half of that; 10 s of a dead
+        # Redis see a ping every tick of at most one 2 s timeout.
+        assert len(pings) >= 5 and max(gaps) < 4.5, (gaps, pool.log())
+        pool.workers()
+        os.kill(server.process.pid, signal.SIGCONT)
+        stopped = False
+        assert pool.wait(30) == 0, pool.log()
+    finally:
+        if stopped:
+            os.kill(server.process.pid, signal.SIGCONT)
+        sock.close()
+    log = pool.log()
+    assert "redis unavailable while requeueing worker" in log
+    assert "redis unavailable: requeueing worker" in log  # the others deferred, not tried
+
+
+def test_reload_to_fewer_workers_never_spawns_then_stops_one(pool_ini, start_pool):
+    ini = pool_ini(workers=3)
+    pool = start_pool(ini, argv=supervisor_argv(ini, after_fork_delay=1.0))
+    old = {w["pid"] for w in wait_running(pool, 3, timeout=20)["workers"]}
+    pool_ini(workers=1)
+    os.kill(pool.pid, signal.SIGHUP)
+
+    def replaced() -> bool:
+        pids = {w["pid"] for w in wait_running(pool, 1, timeout=20)["workers"]}
+        return not pids & old and not any(alive(pid) for pid in old)
+
+    wait_for(replaced, 20)
+    log = pool.log()
+    assert "killed by SIGTERM" not in log and "restarting worker" not in log, log
+    assert " ERROR " not in log, log
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0, pool.log()
+
+
+def test_worker_stopped_while_starting_up_is_not_a_crash(pool_ini, start_pool):
+    # crash_limit 1: a single death counted as a crash would stop the pool.
+    ini = pool_ini(workers=1, crash_limit=1)
+    pool = start_pool(ini, argv=supervisor_argv(ini, after_fork_delay=3.0))
+    wait_running(pool, 1, timeout=20)
+    os.kill(pool.pid, signal.SIGTTIN)
+    match = wait_for(lambda: re.search(r"worker 2 started \(pid (\d+)\)", pool.log()), 10)
+    starting = int(match.group(1))
+    pool.reaper.add(starting)
+    os.kill(pool.pid, signal.SIGTTOU)  # worker 2 is still in its 3 s after_fork
+    wait_for(lambda: "stopped while starting up" in pool.log(), 10)
+    assert not alive(starting)
+    assert f"worker 2 (pid {starting}) was killed by SIGTERM: stopped while starting up" in (
+        pool.log())
+    time.sleep(0.5)  # a restart would come after a 0.1 s backoff
+    assert pool.process.poll() is None, pool.log()
+    assert "restarting worker" not in pool.log() and " ERROR " not in pool.log(), pool.log()
+
+    # A drain that catches a worker starting up is no crash either.
+    os.kill(pool.pid, signal.SIGTTIN)
+    wait_for(lambda: len(re.findall(r"worker 2 started", pool.log())) == 2, 10)
+    pool.workers()
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0, pool.log()
+    log = pool.log()
+    assert log.count("stopped while starting up") == 2 and " ERROR " not in log, log
+
+
+def test_slot_claimed_before_the_fork_keeps_the_worker_state(pool_ini, start_pool):
+    # The parent pauses after each fork, so the children set themselves idle first: a slot
+    # claimed after the fork would be reset to "starting", and READY never sent.
+    ini = pool_ini(workers=2)
+    pool = start_pool(ini, argv=supervisor_argv(ini, parent_fork_delay=1.5))
+    status = wait_running(pool, 2, timeout=20)
+    assert {w["state"] for w in status["workers"]} == {"idle"}
+    wait_for(lambda: "2 worker(s) running" in pool.log(), 5)
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0, pool.log()
+
+
+def test_reload_applies_a_new_max_tasks(pool_ini, redis_client, start_pool):
+    ini = pool_ini(workers=1, max_tasks=100)
+    pool = start_pool(ini)
+    old = {w["pid"] for w in wait_running(pool, 1)["workers"]}
+    pool_ini(workers=1, max_tasks=3)
+    os.kill(pool.pid, signal.SIGHUP)
+    wait_for(lambda: not {w["pid"] for w in wait_running(pool, 1)["workers"]} & old, 15)
+    assert "SIGHUP: max_tasks now 3" in pool.log()
+    assert pool.status()["max_tasks"] == 3
+    enqueue(ini, [f"x{i}" for i in range(10)])
+    assert pool.wait(20) == 0, pool.log()
+    assert len(ids_of(redis_client, "test:done")) == 3
+    assert "workerpool stopped (max_tasks reached); 3 task(s) finished of max_tasks 3" in (
+        pool.log())
+
+
+def test_reload_refuses_to_switch_between_unlimited_and_a_max_tasks(pool_ini, start_pool):
+    ini = pool_ini(workers=1)
+    pool = start_pool(ini)
+    before = {w["pid"] for w in wait_running(pool, 1)["workers"]}
+    pool_ini(workers=1, max_tasks=5)
+    os.kill(pool.pid, signal.SIGHUP)
+    wait_for(lambda: "max_tasks (between unlimited and a limit) cannot change" in pool.log())
+    assert {w["pid"] for w in pool.status()["workers"]} == before
+    assert pool.status()["max_tasks"] == 0
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(15) == 0
+
+
+def test_more_workers_than_slots_logs_a_warning_once(tmp_path, caplog):
+    from workerpool.config import load_config
+    from workerpool.scoreboard import Scoreboard
+    from workerpool.supervisor import Supervisor, WorkerProcess
+
+    config = load_config(None, search=False, environ={},
+                         overrides={"pidfile": str(tmp_path / "wp.pid"), "workers": "2"})
+    supervisor = Supervisor(config, handler=lambda task: None)
+    supervisor.scoreboard = Scoreboard(2)  # every slot taken by the two workers below
+    for slot in range(2):  # pids nobody signals: nothing here scales down or kills
+        supervisor.workers[-1 - slot] = WorkerProcess(slot, -1 - slot, time.monotonic())
+    supervisor.target = 3  # what a SIGTTIN asks for
+    with caplog.at_level("WARNING", logger="workerpool.supervisor"):
+        supervisor._manage()
+        supervisor._manage()
+    warnings = [r.getMessage() for r in caplog.records if "cannot start more than" in
+                r.getMessage()]
+    assert warnings == ["cannot start more than 2 worker(s) (the scoreboard's slots, sized at "
+                        "start from workers): 3 wanted; restart the pool to run more"]
+    supervisor._client.close()
+
+
+def test_orphan_lists_are_those_not_of_our_live_workers(pool_ini, redis_client, start_pool,
+                                                        reaper):
+    from workerpool.protocol import new_task
+
+    # A process unrelated to the pool holds the pid named in a list of this host (a reboot
+    # with the same host_id): the list is an orphan all the same.
+    unrelated = subprocess.Popen(["sleep", "30"])
+    reaper.add(unrelated.pid)
+    # A worker of an earlier supervisor of this host, still draining on its own: not an
+    # orphan while it runs (its task would run twice).
+    draining = subprocess.Popen([sys.executable, "-c", (
+        "import setproctitle, time; setproctitle.setproctitle("
+        f"'workerpool: worker 1 [{QUEUE}] draining 1/1 done=0'); time.sleep(30)")])
+    reaper.add(draining.pid)
+    try:
+        ours = f"{PREFIX}:processing:host-workerpool:1-{unrelated.pid}"
+        redis_client.lpush(ours, json.dumps(new_task("t", {}, id="orphan")))
+        # Host "host-workerpool:b" is not this host, though the sweep's pattern matches it.
+        other = f"{PREFIX}:processing:host-workerpool:b:1-999999999"
+        redis_client.lpush(other, json.dumps(new_task("t", {}, id="not-ours")))
+        still_running = f"{PREFIX}:processing:host-workerpool:1-{draining.pid}"
+        redis_client.lpush(still_running, json.dumps(new_task("t", {}, id="draining")))
+        wait_for(lambda: f"[{QUEUE}]".encode() in open(f"/proc/{draining.pid}/cmdline",
+                                                       "rb").read(), 10)
+        pool = start_pool(pool_ini(workers=1))
+        wait_running(pool, 1)
+        wait_for(lambda: ids_of(redis_client, "test:done") == ["orphan"], 10)
+        assert redis_client.llen(other) == 1
+        assert "requeued 1 task(s) of dead process" in pool.log()
+        time.sleep(5.5)  # past the next periodic sweep
+        assert redis_client.llen(other) == 1 and ids_of(redis_client, "test:done") == ["orphan"]
+        assert redis_client.llen(still_running) == 1
+        draining.kill()
+        draining.wait(5)
+        wait_for(lambda: ids_of(redis_client, "test:done") == ["orphan", "draining"], 10)
+        os.kill(pool.pid, signal.SIGTERM)
+        assert pool.wait(15) == 0
+    finally:
+        for process in (unrelated, draining):
+            process.kill()
+            process.wait(5)
+
+
+def test_daemon_start_fails_visibly_when_the_pidfile_cannot_be_created(pool_ini, tmp_path):
+    pidfile = tmp_path / "pid-is-a-directory"
+    pidfile.mkdir()
+    ini = pool_ini(pidfile=pidfile, log_file=tmp_path / "pool.log")
+    result = run_cli(ini, "start", timeout=20)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot create the pidfile {pidfile}: Is a directory" in result.stderr
+    assert "in the background" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_reaper_kills_only_a_pid_that_is_still_the_process_it_was_given(reaper):
+    from conftest import ProcessReaper
+
+    own = ProcessReaper()
+    process = subprocess.Popen(["sleep", "30"])
+    reaper.add(process.pid)
+    try:
+        own.add(process.pid)
+        # The recorded start time no longer matches: the pid now names another process.
+        own.pids[process.pid] -= 1
+        own.kill_all()
+        time.sleep(0.1)
+        assert process.poll() is None
+        own.add(process.pid)
+        own.kill_all()
+        assert process.wait(5) == -signal.SIGKILL
+    finally:
+        process.kill()
+        process.wait(5)

@@ -30,7 +30,17 @@ from workerpool.connection import redis_url, sync_client
 from workerpool.logs import setup_logging
 from workerpool.protocol import SyncQueue, new_task
 
+try:
+    from setproctitle import setproctitle
+except ImportError:  # pragma: no cover - a hard dependency, but titles are cosmetic
+
+    def setproctitle(title: str) -> None:
+        return None
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# How much longer than drain_timeout `stop` waits by default: the supervisor gives workers
+# KILL_GRACE (5 s) after drain_timeout before SIGKILL, then requeues and shuts down.
+STOP_MARGIN = 15.0
 ENQUEUE_CHUNK = 1000
 PROGRESS_MIN = 10 * ENQUEUE_CHUNK  # files smaller than this need no progress bar
 STATUS_DEAD, STATUS_NOT_RUNNING = 1, 3
@@ -79,9 +89,7 @@ def _queue(config: Config) -> SyncQueue:
 def cmd_start(args: argparse.Namespace) -> int:
     """Start the pool: daemonized, or in the foreground for systemd and terminals."""
     from workerpool.supervisor import Supervisor, check_redis
-    from workerpool.worker import setproctitle
 
-    # At once: the command line may hold a password (--redis-url), and ps shows the title.
     setproctitle("workerpool: supervisor starting")
     config = _load(args)
     setproctitle(f"workerpool: supervisor [{config.redis_key}] starting")
@@ -130,6 +138,13 @@ def cmd_start(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandError(f"cannot write {exc.filename or log_file}: "
                                f"{exc.strerror or exc}") from None
+        # The daemon locks the pidfile only after the fork, where a failure is silent.
+        try:
+            daemon.check_pidfile_writable(config.pidfile, uid if as_root else None,
+                                          gid if as_root else None)
+        except OSError as exc:
+            raise CommandError(f"cannot create the pidfile {config.pidfile}: "
+                               f"{exc.strerror or exc}") from None
         _say(f"starting workerpool in the background; log: {log_file}")
         try:
             daemon.daemonize(pidfile, uid=uid if as_root else None,
@@ -160,6 +175,19 @@ def _running_pid(config: Config) -> tuple[str, int | None]:
     return daemon.pidfile_state(config.pidfile)
 
 
+def _signal(pid: int, signum: int) -> bool:
+    """Send `signum` to the pool; False if it has exited. A pool of another user is a clear
+    error (exit 1, a runtime failure, rather than LSB's 4), not a traceback."""
+    try:
+        os.kill(pid, signum)
+    except PermissionError:
+        raise CommandError(f"not allowed to signal the pool (pid {pid}, another user's): run "
+                           "this as root or as the pool's user") from None
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     """Send TERM and wait until the pool is gone (in-flight tasks finish first)."""
     config = _load(args)
@@ -167,7 +195,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if state != "running" or pid is None:
         _say("workerpool is not running")
         return EXIT_OK
-    os.kill(pid, signal.SIGTERM)
+    timeout = args.timeout if args.timeout is not None else config.drain_timeout + STOP_MARGIN
+    _signal(pid, signal.SIGTERM)
     status_file = daemon.status_path(config.pidfile)
     on_tty = sys.stdout.isatty()
 
@@ -179,13 +208,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
                          f"{in_flight} task(s) in flight   ")
         sys.stdout.flush()
 
-    gone = daemon.wait_for_exit(pid, args.timeout, on_tick=show_progress if on_tty else None)
+    gone = daemon.wait_for_exit(pid, timeout, on_tick=show_progress if on_tty else None)
     if on_tty:
         sys.stdout.write("\n")
     if not gone:
-        _err(f"still running after {args.timeout:g}s: sending SIGQUIT (in-flight tasks go "
+        _err(f"still running after {timeout:g}s: sending SIGQUIT (in-flight tasks go "
              "back to the queue)")
-        os.kill(pid, signal.SIGQUIT)
+        _signal(pid, signal.SIGQUIT)
         if not daemon.wait_for_exit(pid, 15.0):
             raise CommandError(f"pid {pid} did not stop")
     _say(f"workerpool stopped (pid {pid})")
@@ -234,7 +263,7 @@ def _all_hosts(config: Config) -> list[dict[str, Any]] | dict[str, str]:
             hosts = queue.live_hosts(config.host_timeout)
         finally:
             queue.client.close()
-    except RedisError as exc:
+    except (CommandError, RedisError) as exc:
         return {"error": str(exc)}
     result = []
     for host, age, status in hosts:
@@ -300,7 +329,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     state, pid = _running_pid(config)
     if state != "running" or pid is None:
         raise CommandError("workerpool is not running")
-    os.kill(pid, signal.SIGHUP)
+    if not _signal(pid, signal.SIGHUP):
+        raise CommandError("workerpool is not running")
     _say(f"reload requested (pid {pid})")
     return EXIT_OK
 
@@ -510,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--concurrency", metavar="N")
 
     stop = command("stop", cmd_stop, "drain and stop the pool, waiting until it is gone")
-    stop.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                      help="after S seconds stop at once, requeueing in-flight tasks (60)")
+    stop.add_argument("--timeout", type=float, default=None, metavar="S",
+                      help="after S seconds stop at once, requeueing in-flight tasks "
+                      f"(default: drain_timeout + {STOP_MARGIN:g})")
 
     status = command("status", cmd_status, "show the pool, its workers and the queue")
     status.add_argument("--json", action="store_true")
@@ -554,7 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `workerpool` console script."""
+    # First of all: the command line may hold a password (--redis-url), and ps shows it.
+    setproctitle("workerpool")
     args = build_parser().parse_args(argv)
+    setproctitle(f"workerpool: {args.command}")
     try:
         return args.handler(args)
     except ConfigError as exc:

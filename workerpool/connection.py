@@ -494,11 +494,12 @@ async def push_and_wait_async(client: Any, key: str, batches: list[list[bytes]],
 # --- the clients
 
 
-def sync_client(config: Config, *, blocking_timeout: float = 0.0) -> redis.Redis:
+def sync_client(config: Config, *, blocking_timeout: float = 0.0,
+                command_timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
     """A redis-py client for the supervisor, the CLI and producers."""
     from redis.retry import Retry
 
-    kwargs = _client_kwargs(config, COMMAND_TIMEOUT + blocking_timeout)
+    kwargs = _client_kwargs(config, command_timeout + blocking_timeout)
     kwargs["retry"] = Retry(NoBackoff(), 0)
     if config.redis_mode == "sentinel":
         kwargs["ssl"] = uses_tls(config)

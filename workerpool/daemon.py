@@ -455,6 +455,22 @@ def prepare_paths(pidfile: str, log_file: str, uid: int | None, gid: int | None)
             _chown(path, uid, gid)
 
 
+def check_pidfile_writable(path: str, uid: int | None = None, gid: int | None = None) -> None:
+    """Raise OSError unless the pidfile can be opened for writing (created if missing).
+
+    For the parent of a daemon, whose child locks the pidfile after the fork where nobody
+    sees a failure. Takes no lock; closing the descriptor drops none (this process holds none
+    on it). A file created here as root for a user switch is handed to that user.
+    """
+    existed = os.path.lexists(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        if not existed and os.geteuid() == 0 and (uid is not None or gid is not None):
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+    finally:
+        os.close(fd)
+
+
 def wait_for_exit(
     pid: int,
     timeout: float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,10 @@ from workerpool.scoreboard import DURATION_BUCKETS, TYPE_COUNTERS
 
 log = logging.getLogger("workerpool.metrics")
 
-REQUEST_TIMEOUT = 2.0
+# handle() runs inside the supervisor's loop: what it may spend there per call, whatever the
+# clients do (a client that connects and sends nothing is dropped, not waited for).
+HANDLE_BUDGET = 0.25
+MAX_CONNECTIONS_PER_CALL = 8
 
 
 @dataclass
@@ -105,17 +109,22 @@ class MetricsServer:
         return self.socket.fileno()
 
     def handle(self) -> None:
-        """Answer the connections waiting now (called when the socket is readable)."""
+        """Answer the connections waiting now (called when the socket is readable), spending
+        at most about HANDLE_BUDGET seconds; connections left over wait for the next call."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        while True:
+        deadline = time.monotonic() + HANDLE_BUDGET
+        for _ in range(MAX_CONNECTIONS_PER_CALL):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
             try:
                 connection, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
             with connection:
                 try:
-                    connection.settimeout(REQUEST_TIMEOUT)
+                    connection.settimeout(remaining)
                     request = connection.recv(4096)
                     path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
                     if path.split(b"?")[0] not in (b"/", b"/metrics"):

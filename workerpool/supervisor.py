@@ -43,6 +43,10 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that lived this long resets its slot's backoff
 KILL_GRACE = 5.0  # after drain_timeout, how long workers get to give back before SIGKILL
 ORPHAN_SWEEP_PERIOD = 5.0
+# The supervisor's own Redis calls are tiny (a requeue script, a heartbeat): a server that does
+# not answer one within this is unavailable. Short, because the loop also serves signals, hung
+# workers and the systemd watchdog, and makes at most one failing call per tick.
+SUPERVISOR_REDIS_TIMEOUT = 2.0
 THROUGHPUT_WINDOW = 60  # seconds over which `status` and `stats` report tasks per second
 
 _SIGNAL_NAMES = {getattr(signal, name): name for name in dir(signal)
@@ -59,6 +63,9 @@ class WorkerProcess:
     retiring: bool = False  # asked to stop (reload, scale down, drain): not counted as active
     kill_at: float | None = None  # when to SIGKILL it if it has not exited
     killed: str = ""  # why we sent SIGKILL: "hung", "late" (drain overran) or "now"
+    # We sent it SIGTERM (reload, scale down, drain): dying of it means it was stopped before
+    # its own handler was installed (during after_fork, e.g. django.setup()), not a crash.
+    asked_to_stop: bool = False
 
     @property
     def name(self) -> str:
@@ -120,9 +127,11 @@ class Supervisor:
         self._next_maintenance = 0.0
         self._next_orphan_sweep = 0.0
         self._redis_error_logged = False
+        self._redis_failed_this_tick = False  # after one failed call, make no more this tick
+        self._slots_capped_logged = False
         self._status_error_logged = False
         self._watchdog = sdnotify.watchdog_interval()
-        self._client = sync_client(config)
+        self._client = supervisor_client(config)
         self.queue = SyncQueue(self._client, config.redis_key)
 
     # --- signals
@@ -206,6 +215,7 @@ class Supervisor:
         self._sweep_orphans()
         try:
             while True:
+                self._redis_failed_this_tick = False
                 self._handle_signals()
                 self._reap()
                 if self.stopping and not self.workers:
@@ -273,14 +283,11 @@ class Supervisor:
             if self.scoreboard.get(worker.slot, "state") == DRAINING:
                 worker.retiring = True
                 worker.kill_at = time.monotonic() + self.config.drain_timeout + KILL_GRACE
+        # Scale down before a reload spawns replacements: a worker spawned and retired in the
+        # same tick would die of SIGTERM before its handler is installed.
+        self._scale_down()
         self._continue_reload()
-        active = self._active()
-        if len(active) > self.target:
-            for worker in sorted(active, key=lambda w: w.slot, reverse=True)[
-                : len(active) - self.target
-            ]:
-                self._retire(worker, "scaling down")
-        missing = self.target - len(active)
+        missing = self.target - len(self._active())
         now = time.monotonic()
         # A crashed worker's replacement waits for its slot's backoff: it is on its way, and
         # must not be started at once in another free slot (that would skip the backoff).
@@ -289,13 +296,35 @@ class Supervisor:
         while missing > 0:
             slot = self._free_slot(now)
             if slot is None:
+                self._warn_slots_capped()
                 break
             self._spawn(slot)
             missing -= 1
+        if missing <= 0:
+            self._slots_capped_logged = False
         if not self.ready_sent and self._all_running():
             self.ready_sent = True
             sdnotify.notify("READY=1\nSTATUS=" + self._status_line())
             log.info("%d worker(s) running", len(self._active()))
+
+    def _scale_down(self) -> None:
+        active = self._active()
+        surplus = len(active) - self.target
+        if surplus <= 0:
+            return
+        # Workers still waiting for their reload replacement go first (they are going anyway),
+        # then the highest slots.
+        order = sorted(active, key=lambda w: (w.pid in self.pending_reload, w.slot), reverse=True)
+        for worker in order[:surplus]:
+            self._retire(worker, "scaling down")
+
+    def _warn_slots_capped(self) -> None:
+        if self._slots_capped_logged:
+            return
+        self._slots_capped_logged = True
+        log.warning("cannot start more than %d worker(s) (the scoreboard's slots, sized at "
+                    "start from workers): %d wanted; restart the pool to run more",
+                    self.scoreboard.slots, self.target)
 
     def _all_running(self) -> bool:
         active = self._active()
@@ -316,9 +345,13 @@ class Supervisor:
         parent = self.pid
         if self.before_fork is not None:
             self.before_fork()
+        # Set the slot up before the fork: the child writes its state (idle) and reserves its
+        # max_tasks budget as soon as it runs, and the parent must not overwrite that after.
+        self.scoreboard.claim_slot(slot, 0, 0)
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN, ENOMEM: systemd's TasksMax, memory pressure
+            self.scoreboard.clear_slot(slot)
             backoff = self.slot_backoff.get(slot, BACKOFF_MIN)
             self.slot_due[slot] = time.monotonic() + backoff
             self.slot_backoff[slot] = min(backoff * 2, BACKOFF_MAX)
@@ -331,6 +364,9 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 os.close(self._wake_read)
                 os.close(self._wake_write)
+                if self.metrics_server is not None:
+                    # Else a worker outliving the supervisor keeps the port from its successor.
+                    self.metrics_server.close()
                 for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_DFL)
                 name = str(slot + 1)
@@ -345,7 +381,7 @@ class Supervisor:
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.scoreboard.claim_slot(slot, pid, 0)
+        self.scoreboard.set(slot, "pid", pid)
         self.workers[pid] = WorkerProcess(slot, pid, time.monotonic())
         log.info("worker %d started (pid %d)", slot + 1, pid)
 
@@ -355,6 +391,7 @@ class Supervisor:
         worker.retiring = True
         worker.kill_at = time.monotonic() + self.config.drain_timeout + KILL_GRACE
         log.info("stopping worker %s (pid %d): %s", worker.name, worker.pid, why)
+        worker.asked_to_stop = True
         self._kill(worker.pid, signal.SIGTERM)
 
     def _kill(self, pid: int, signum: int) -> None:
@@ -379,15 +416,19 @@ class Supervisor:
         now = time.monotonic()
         lifetime = now - worker.started
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        # A hung worker counts as a crash; one we killed for stopping does not.
+        # A hung worker counts as a crash; one we killed for stopping does not, nor one we
+        # sent SIGTERM that died of it before it had installed its own handler.
         killed_by_us = worker.killed in ("late", "now")
+        stopped_while_starting = (worker.asked_to_stop and not worker.killed
+                                  and os.WIFSIGNALED(status)
+                                  and os.WTERMSIG(status) == signal.SIGTERM)
         if os.WIFSIGNALED(status):
             how = f"was killed by {_SIGNAL_NAMES.get(os.WTERMSIG(status), os.WTERMSIG(status))}"
         else:
             how = f"exited with code {os.WEXITSTATUS(status)}"
         # The dead worker's tasks go back before anything replaces it. A death that was not
         # our doing counts as a delivery of each task it held (poison-pill detection).
-        count = not clean and not killed_by_us
+        count = not clean and not killed_by_us and not stopped_while_starting
         self._requeue_list(worker, count_delivery=count)
         self.scoreboard.reclaim(worker.slot)
         self.processed_by_exited += self.scoreboard.get(worker.slot, "processed")
@@ -397,6 +438,10 @@ class Supervisor:
             self.pending_reload.remove(worker.pid)
         if clean:
             log.info("worker %s (pid %d) %s", worker.name, worker.pid, how)
+            return
+        if stopped_while_starting:
+            log.info("worker %s (pid %d) %s: stopped while starting up", worker.name,
+                     worker.pid, how)
             return
         log.error("worker %s (pid %d) %s after %.1fs", worker.name, worker.pid, how, lifetime)
         if self.stopping or killed_by_us:
@@ -409,7 +454,7 @@ class Supervisor:
         self.slot_backoff[worker.slot] = min(backoff * 2, BACKOFF_MAX)
         self.crashes = [t for t in self.crashes if now - t < self.config.crash_window]
         self.crashes.append(now)
-        if len(self.crashes) > self.config.crash_limit:
+        if len(self.crashes) >= self.config.crash_limit:
             raise CrashLoop(f"crash loop: {len(self.crashes)} worker deaths within "
                             f"crash_window {self.config.crash_window:g}s "
                             f"(crash_limit {self.config.crash_limit})")
@@ -420,11 +465,18 @@ class Supervisor:
         self._requeue_key(key, count_delivery, f"worker {worker.name}")
 
     def _requeue_key(self, key: str, count_delivery: bool, owner: str) -> None:
-        # One try: the loop must not stall (signals, hung workers, the watchdog) while Redis
-        # is away. A failed requeue is kept and retried every tick.
+        # One try, and none at all once a Redis call failed in this tick: the loop must not
+        # stall (signals, hung workers, the watchdog) while Redis is away. A requeue not done
+        # is kept and tried again in the next ticks.
+        if self._redis_failed_this_tick:
+            if key not in self.requeue_later:
+                log.warning("redis unavailable: requeueing %s's tasks later", owner)
+            self.requeue_later[key] = count_delivery
+            return
         try:
             requeued, dead = self.queue.requeue(key, self.config.max_deliveries, count_delivery)
         except RedisError as exc:
+            self._redis_failed_this_tick = True
             if key not in self.requeue_later:
                 log.error("redis unavailable while requeueing %s's tasks (%s); will retry",
                           owner, exc)
@@ -477,6 +529,7 @@ class Supervisor:
         for worker in self.workers.values():
             worker.retiring = True
             worker.kill_at = time.monotonic() + self.config.drain_timeout + KILL_GRACE
+            worker.asked_to_stop = True
             self._kill(worker.pid, signal.SIGTERM)
 
     def stop_now(self, reason: str) -> None:
@@ -502,6 +555,10 @@ class Supervisor:
             return
         fixed = ("redis_url", "redis_key", "redis_mode", "sentinels", "sentinel_master", "host_id")
         changed = [name for name in fixed if getattr(config, name) != getattr(self.config, name)]
+        if (config.max_tasks == 0) != (self.config.max_tasks == 0):
+            # The shared counters count taken tasks only under a limit: slots the running
+            # workers reserved while unlimited would be given back into a limit never charged.
+            changed.append("max_tasks (between unlimited and a limit)")
         if changed:
             # The processing lists, heartbeats and orphan sweeps of the running workers are
             # under the old queue and host: moving them live could strand their tasks.
@@ -510,6 +567,9 @@ class Supervisor:
             return
         if handler is not None:
             self.handler = handler
+        if config.max_tasks != self.config.max_tasks:
+            self.scoreboard.set_max_tasks(config.max_tasks)
+            log.info("SIGHUP: max_tasks now %d", config.max_tasks)
         self.config = config
         self.target = config.workers
         self.pending_reload = [worker.pid for worker in self._active()]
@@ -545,6 +605,16 @@ class Supervisor:
         status = self.status()
         for key, count_delivery in list(self.requeue_later.items()):
             self._requeue_key(key, count_delivery, key)
+        if not self._redis_failed_this_tick:
+            self._redis_maintenance(now, status)
+        self._write_status(status)
+        line = self._status_line()
+        setproctitle(f"workerpool: supervisor [{self.config.redis_key}] {line}")
+        sdnotify.notify("STATUS=" + line)
+        if self._watchdog is not None:
+            sdnotify.notify("WATCHDOG=1")
+
+    def _redis_maintenance(self, now: float, status: dict[str, Any]) -> None:
         try:
             self.queue.move_due_retries(now)
             self.queue.heartbeat(self.host, json.dumps(status).encode(),
@@ -557,16 +627,11 @@ class Supervisor:
                 log.warning("redis reachable again")
                 self._redis_error_logged = False
         except RedisError as exc:
+            self._redis_failed_this_tick = True
             if not self._redis_error_logged:
                 log.error("redis unavailable at %s (%s); workers keep retrying",
                           describe(self.config), exc)
                 self._redis_error_logged = True
-        self._write_status(status)
-        line = self._status_line()
-        setproctitle(f"workerpool: supervisor [{self.config.redis_key}] {line}")
-        sdnotify.notify("STATUS=" + line)
-        if self._watchdog is not None:
-            sdnotify.notify("WATCHDOG=1")
 
     def _sweep_orphans(self) -> None:
         """Requeue this host's processing lists whose worker process is gone."""
@@ -577,9 +642,13 @@ class Supervisor:
             return
         live = {w.list_id for w in self.workers.values()}
         for key in keys:
-            _, list_id = self.queue.keys.processing_owner(key)
-            if list_id in live or _pid_alive(list_id) or key.decode() in self.requeue_later:
+            host, list_id = self.queue.keys.processing_owner(key)
+            if host != self.host or not _is_worker_list(list_id):
+                continue  # another host's (the pattern matched more), or a standalone worker's
+            if list_id in live or key.decode() in self.requeue_later:
                 continue
+            if _worker_still_running(list_id, self.config.redis_key):
+                continue  # a worker of a previous supervisor of ours, draining on its own
             self._requeue_key(key.decode(), True, f"dead process {list_id}")
 
     def _requeue_silent_hosts(self) -> None:
@@ -653,9 +722,12 @@ class Supervisor:
         taken, finished, max_tasks = self.scoreboard.totals()
         if max_tasks:
             gauges["max_tasks_finished"] = finished
+        if self._redis_failed_this_tick:
+            return snapshot  # a scrape must not stall the loop on a Redis that just failed
         try:
             gauges.update(self.queue.counts(self.host))
         except RedisError as exc:
+            self._redis_failed_this_tick = True
             log.warning("metrics: queue depths unavailable (%s)", exc)
         return snapshot
 
@@ -687,17 +759,29 @@ class Supervisor:
                 self._status_error_logged = True
 
 
-def _pid_alive(list_id: str) -> bool:
-    _, _, pid_text = list_id.rpartition("-")
-    if not pid_text.isdigit():
-        return True  # not a supervised worker's list (a standalone worker's): not ours
+def supervisor_client(config: Config) -> Any:
+    """A Redis client whose calls give up after SUPERVISOR_REDIS_TIMEOUT."""
+    return sync_client(config, command_timeout=SUPERVISOR_REDIS_TIMEOUT)
+
+
+def _worker_still_running(list_id: str, redis_key: str) -> bool:
+    """Whether the pid in a list's name is still a workerpool worker of this queue.
+
+    After a reboot with the same host_id the pid may belong to an unrelated process, so being
+    alive is not enough: the process title must say it is a worker of this queue."""
+    pid = list_id.rpartition("-")[2]
     try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            title = handle.read().decode(errors="replace")
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return title.startswith("workerpool: worker ") and f" [{redis_key}] " in title
+
+
+def _is_worker_list(list_id: str) -> bool:
+    """Whether a processing list is named like a supervised worker's: <slot>-<pid>."""
+    slot, _, pid = list_id.partition("-")
+    return slot.isdigit() and pid.isdigit()
 
 
 def check_redis(config: Config) -> str | None:
