@@ -336,6 +336,48 @@ def test_move_due_retries_respects_limit_and_task_colons(queue, redis_client):
     assert redis_client.lrange(Q, 0, -1) == [tricky] * 5
 
 
+def test_move_due_retries_dead_letters_a_member_without_separator(queue, redis_client):
+    """A member not written by workerpool (no '<token>:') must not break the script after
+    some pushes (not rolled back) with itself left in the set: every tick would push the
+    same tasks again. Each member leaves the set as it is handled; a bad one is kept in the
+    dead list."""
+    good = raws("good")[0]
+    redis_client.zadd(queue.keys.retry, {
+        retry_member(good): 1, b"no-separator": 2, b"\xffbinary": 3, retry_member(good): 4})
+    assert queue.move_due_retries(now=100) == 2
+    assert redis_client.lrange(Q, 0, -1) == [good, good]
+    assert redis_client.zcard(queue.keys.retry) == 0
+    entries = [json.loads(raw) for raw in reversed(redis_client.lrange(queue.keys.dead, 0, -1))]
+    assert [entry["reason"] for entry in entries] == ["bad_retry_entry"] * 2
+    assert [dead_entry_task(entry) for entry in entries] == [b"no-separator", b"\xffbinary"]
+    assert entries[0]["failed_at"] == 100
+    assert queue.move_due_retries(now=200) == 0
+    assert redis_client.llen(Q) == 2
+
+
+def test_give_back_returns_a_task_to_the_consuming_end(queue, processing, redis_client,
+                                                       redis_url):
+    from workerpool.config import load_config
+    from workerpool.connection import async_client
+
+    queue.enqueue_many(raws("a", "b", "c"))
+    [first] = queue.take(processing, 1)
+
+    async def give_back_twice() -> tuple[bool, bool]:
+        client = async_client(load_config(None, search=False, environ={},
+                                          overrides={"redis_url": redis_url}))
+        try:
+            async_queue = AsyncQueue(client, Q)
+            return (await async_queue.give_back(processing, first),
+                    await async_queue.give_back(processing, first))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(give_back_twice()) == (True, False)  # the second: no longer held
+    assert redis_client.llen(processing) == 0
+    assert ids_of(pending_oldest_first(redis_client)) == ["a", "b", "c"]  # next to be taken
+
+
 def test_retry_member_is_unique_and_reversible():
     raw = b'{"type":"t"}'
     first, second = retry_member(raw), retry_member(raw)
@@ -656,6 +698,16 @@ def test_decode_task_rejects_each_malformed_kind(json_backend, raw, reason):
     assert str(caught.value).startswith(reason + ": ")
 
 
+@pytest.mark.parametrize("depth", [2_000, 200_000])
+def test_decode_task_nesting_too_deep_is_invalid_json(json_backend, depth):
+    # The stdlib decoder raises RecursionError (not a ValueError) on deep nesting.
+    raw = b'{"type":"t","data":' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(InvalidTask) as caught:
+        decode_task(raw, max_payload_bytes=len(raw))
+    assert caught.value.reason == "invalid_json"
+    assert caught.value.detail
+
+
 def test_decode_task_accepts_tasks_and_keeps_unknown_fields(json_backend):
     raw = '{"type": "émail", "data": {"to": "a@b"}, "id": "1", "extra": [1]}'.encode()
     task = decode_task(raw, max_payload_bytes=len(raw))  # exactly at the limit is fine
@@ -710,18 +762,18 @@ def test_dead_entry_keeps_non_utf8_bytes():
 def test_settlement_args():
     settlement = Settlement()
     assert len(settlement) == 0
-    assert settlement.args() == [0]
+    assert settlement.args() == [settlement.token, protocol.SETTLED_TTL, 0]
     settlement.ack(b"a1")
     settlement.ack(b"a2")
     settlement.retry(b"r", b"r2", 12.5)
     settlement.dead(b"d", b"entry")
     assert len(settlement) == 4
     args = settlement.args()
-    assert args[:3] == [2, b"a1", b"a2"]
-    kind, raw, member, score = args[3:7]
+    assert args[:5] == [settlement.token, protocol.SETTLED_TTL, 2, b"a1", b"a2"]
+    kind, raw, member, score = args[5:9]
     assert (kind, raw, score) == (b"r", b"r", b"12.5")
     assert retry_member_task(member) == b"r2"
-    assert args[7:] == [b"d", b"d", b"entry", b"0"]
+    assert args[9:] == [b"d", b"d", b"entry", b"0"]
 
 
 def test_a_settlement_sent_again_after_a_lost_reply_is_not_applied_twice(
@@ -736,8 +788,91 @@ def test_a_settlement_sent_again_after_a_lost_reply_is_not_applied_twice(
     queue.settle(processing, settlement)
     queue.settle(processing, settlement)  # the resend
     assert redis_client.lrange(processing, 0, -1) == [twin]  # the running copy stays
-    assert redis_client.ttl(queue.keys.settled(settlement.token)) > 0  # the mark expires
     other = Settlement()  # a new settlement is applied as usual
     other.ack(twin)
     queue.settle(processing, other)
     assert redis_client.llen(processing) == 0
+
+
+def test_the_settled_marker_outlives_any_resend_and_does_not_pile_up(
+        queue, processing, redis_client):
+    """A worker resends a settlement until Redis answers, through outages of any length: the
+    marker that makes a resend harmless must not expire after a minute (the resend would then
+    remove a second, still running copy of an identical task). One marker per processing list,
+    not one per call, so a long lifetime costs no memory."""
+    twin = b'{"type":"same","data":{}}'
+    queue.enqueue_many([twin] * 3)
+    assert queue.take(processing, 3) == [twin] * 3
+    for _ in range(2):
+        settlement = Settlement()
+        settlement.ack(twin)
+        queue.settle(processing, settlement)
+    markers = list(redis_client.scan_iter(match="{" + Q + "}:settled:*"))
+    assert markers == [queue.keys.settled(processing).encode()]
+    assert redis_client.ttl(markers[0]) > 23 * 3600
+    queue.settle(processing, settlement)  # the last one, sent again much later
+    assert redis_client.lrange(processing, 0, -1) == [twin]
+    # Another worker's list has a marker of its own.
+    other = queue.keys.processing(HOST, "w2")
+    assert queue.keys.settled(other) != queue.keys.settled(processing)
+    assert not queue.keys.settled(processing).startswith(queue.keys.prefix + ":processing:")
+
+
+def test_settle_refusal_is_recognised_and_nothing_is_written(queue, processing, redis_client):
+    queue.enqueue_many(raws("a"))
+    [raw] = queue.take(processing, 1)
+    settlement = Settlement()
+    settlement.ack(raw)
+    settlement.records += (b"r", raw, retry_member(raw), b"not-a-number")
+    with pytest.raises(redis.ResponseError) as caught:
+        queue.settle(processing, settlement)
+    assert protocol.is_settle_refusal(caught.value)
+    assert redis_client.lrange(processing, 0, -1) == [raw]
+    assert redis_client.exists(queue.keys.settled(processing)) == 0
+    # Errors that pass are not refusals: the worker sends those again.
+    for error in (redis.exceptions.OutOfMemoryError("command not allowed when used memory > "
+                                                    "'maxmemory'."),
+                  redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+                  redis.exceptions.ClusterDownError("The cluster is down"),
+                  redis.ResponseError("BUSY Redis is busy running a script.")):
+        assert not protocol.is_settle_refusal(error)
+
+
+def test_settle_under_maxmemory_writes_nothing_and_applies_once_memory_is_back(
+        make_redis_server):
+    """OOM is a temporary refusal: the script fails at its first write, before any change,
+    so the same settlement sent again once memory is freed is applied exactly once."""
+    server = make_redis_server(extra_args=("--maxmemory", "3mb",
+                                           "--maxmemory-policy", "noeviction"))
+    client = server.client()
+    try:
+        queue = SyncQueue(client, Q)
+        processing = queue.keys.processing(HOST, "w1")
+        queue.enqueue_many(raws("a", "b"))
+        taken = queue.take(processing, 2)
+        _fill_memory(client)
+        settlement = Settlement()
+        settlement.ack(taken[0])
+        settlement.retry(taken[1], taken[1], time.time() + 60)
+        with pytest.raises(redis.exceptions.OutOfMemoryError) as caught:
+            queue.settle(processing, settlement)
+        assert not protocol.is_settle_refusal(caught.value)
+        assert client.lrange(processing, 0, -1) == list(reversed(taken))
+        assert client.zcard(queue.keys.retry) == 0
+        client.delete(*client.keys("fill:*"))
+        queue.settle(processing, settlement)
+        queue.settle(processing, settlement)  # a resend after a lost reply: nothing more
+        assert client.llen(processing) == 0
+        assert client.zcard(queue.keys.retry) == 1
+    finally:
+        client.close()
+
+
+def _fill_memory(client: redis.Redis) -> None:
+    """Write until a maxmemory + noeviction server refuses writes."""
+    for i in range(10_000):
+        try:
+            client.set(f"fill:{i}", b"x" * 10_000)
+        except redis.exceptions.OutOfMemoryError:
+            return
+    raise AssertionError("maxmemory was never reached")

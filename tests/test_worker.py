@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import wait_for
 from redis_server import free_port
 
 from workerpool.protocol import QueueKeys, SyncQueue, dead_entry_task, encode_task, new_task
+from workerpool.scoreboard import DURATION_BUCKETS, TYPE_COUNTERS, Scoreboard
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 Q = "async_tasks"
@@ -380,14 +382,19 @@ def test_sigkill_leaves_the_task_in_processing_until_requeued(
 
 
 def test_redis_restart_mid_run_loses_nothing(make_redis_server, write_config, start_worker):
-    server = make_redis_server(appendonly=True)
+    password = "hunter2-secret"  # the logs of the outage must not show it
+    # The pool logs in as a user with a password (the fixture's own checks use the default).
+    server = make_redis_server(appendonly=True,
+                               extra_args=("--user", "pool", "on", f">{password}", "~*", "&*",
+                                           "+@all"))
     client = server.client()
     try:
         queue = SyncQueue(client, Q)
         ids = [str(i) for i in range(300)]
         queue.enqueue_many(tasks(ids, seconds=0.01))
         worker = start_worker(write_config({
-            "redis_url": server.url, "handler": "sample_handlers:sync_record",
+            "redis_url": f"redis://pool:{password}@127.0.0.1:{server.port}/0",
+            "handler": "sample_handlers:sync_record",
             "host_id": HOST, "concurrency": 2, "interval": 1, "retry_backoff": 0.1,
             "max_retries": 20, "log_level": "info",
         }))
@@ -407,8 +414,8 @@ def test_redis_restart_mid_run_loses_nothing(make_redis_server, write_config, st
         wait_for(all_done, timeout=40, step=0.1)
         assert worker.running(), worker.output()
         output = worker.output()
-        assert "redis unavailable" in output
-        assert "secret" not in output
+        assert f"redis unavailable at redis://pool:***@127.0.0.1:{server.port}/0" in output
+        assert password not in output
         worker.signal(signal.SIGTERM)
         assert worker.wait(15) == 0, output
         assert queue.counts() == EMPTY
@@ -557,3 +564,175 @@ def test_a_stuck_sync_handler_stops_the_worker_and_its_task_runs_again_later(
     second.signal(signal.SIGTERM)
     assert second.wait(20) == 0
     assert queue.counts() == EMPTY
+
+
+# --- tasks that used to wedge or crash a worker
+
+
+def deep_task(task_id: str, depth: int) -> bytes:
+    return (b'{"type":"t","id":"' + task_id.encode() + b'","data":' + b"[" * depth
+            + b"]" * depth + b"}")
+
+
+def test_a_task_too_deep_for_repr_still_runs_and_settles(config, start_worker, redis_client):
+    """orjson decodes ~1000 levels of nesting, deeper than repr() can go: logging the task
+    must not kill its run before it settles (its slot, in_flight and processing entry would
+    leak, and with concurrency 1 the worker would take nothing more)."""
+    queue = SyncQueue(redis_client, Q)
+    queue.enqueue_many([deep_task("deep", 1020)] + tasks(["after"]))
+    worker = start_worker(config(concurrency=1, max_tasks=2, log_level="info"))
+    assert worker.wait(20) == 0, worker.output()[-3000:]
+    assert done(redis_client) == ["deep", "after"]
+    assert queue.counts() == EMPTY
+    output = worker.output()
+    assert "nested too deeply to show" in output
+    assert "RecursionError" not in output
+
+
+def test_without_orjson_a_task_too_deep_to_decode_is_dead_lettered(config, start_worker,
+                                                                    redis_client, tmp_path):
+    """The stdlib decoder raises RecursionError, not ValueError: still an invalid task, not a
+    crash (which gave the raw back uncounted, so every restart crashed on it again)."""
+    # The worker runs in tmp_path, first on its sys.path: this shadows the real orjson.
+    (tmp_path / "orjson.py").write_text('raise ImportError("no orjson in this test")\n')
+    deep = deep_task("deep", 100_000)
+    queue = SyncQueue(redis_client, Q)
+    queue.enqueue_many([deep] + tasks(["after"]))
+    worker = start_worker(config(concurrency=1, max_tasks=2, max_payload_bytes=len(deep)))
+    assert worker.wait(20) == 0, worker.output()[-3000:]
+    assert done(redis_client) == ["after"]
+    [entry] = dead_entries(redis_client)
+    assert entry["reason"] == "invalid_json"
+    assert "recursion" in entry["error"]  # the stdlib decoder's error: orjson was not used
+    assert dead_entry_task(entry) == deep
+    assert queue.counts() == {**EMPTY, "dead": 1}
+
+
+# --- results Redis refuses for a while
+
+
+GATED_HANDLERS = """
+import asyncio
+import os
+
+
+async def gated(task):
+    # Wait for the file data.gate to exist, then append the id to data.file (no Redis).
+    while not os.path.exists(task["data"]["gate"]):
+        await asyncio.sleep(0.01)
+    with open(task["data"]["file"], "a", encoding="utf-8") as out:
+        out.write(task["id"] + "\\n")
+"""
+
+
+def test_results_refused_for_lack_of_memory_are_written_later(make_redis_server, write_config,
+                                                              start_worker, tmp_path):
+    """maxmemory + noeviction: SETTLE fails with OOM (a ResponseError) until memory is freed.
+    That is temporary: the results are kept and sent again. Nothing is lost, nothing runs
+    twice, and max_tasks counts exactly the tasks finished."""
+    (tmp_path / "gated_handlers.py").write_text(GATED_HANDLERS)
+    gate, results = tmp_path / "gate", tmp_path / "results.txt"
+    results.touch()
+    server = make_redis_server(extra_args=("--maxmemory", "4mb",
+                                           "--maxmemory-policy", "noeviction"))
+    client = server.client()
+    try:
+        queue = SyncQueue(client, Q)
+        ids = [str(i) for i in range(8)]
+        queue.enqueue_many(tasks(ids, gate=str(gate), file=str(results)))
+        worker = start_worker(write_config({
+            "redis_url": server.url, "handler": "gated_handlers:gated", "host_id": HOST,
+            "concurrency": 6, "max_tasks": 6, "interval": 1, "log_level": "info",
+        }))
+        wait_for(lambda: client.llen(PROCESSING) == 6, timeout=15)
+        filled = 0
+        while True:
+            try:
+                client.set(f"fill:{filled}", b"x" * 10_000)
+                filled += 1
+            except redis.exceptions.OutOfMemoryError:
+                break
+        gate.touch()  # the six handlers finish; their results cannot be written
+        wait_for(lambda: len(results.read_text().split()) == 6, timeout=10)
+        wait_for(lambda: worker.output().count("maxmemory") >= 2, timeout=10)  # sent again
+        assert worker.running(), worker.output()
+        assert client.llen(PROCESSING) == 6  # nothing acked, nothing given back
+        client.delete(*(f"fill:{i}" for i in range(filled)))
+        assert worker.wait(20) == 0, worker.output()
+        finished = results.read_text().split()
+        assert sorted(finished, key=int) == ids[:6], finished  # each once
+        assert queue.counts() == {**EMPTY, "pending": 2}
+        assert "worker stopped (max_tasks reached): 6 processed, 0 failed" in worker.output()
+    finally:
+        client.close()
+
+
+# --- suspects: run alone, by an idle worker
+
+
+def test_a_busy_worker_blocked_in_its_take_does_not_run_a_suspect(config, start_worker,
+                                                                  redis_client):
+    """A task whose worker died is a suspect, to run alone. A busy worker waiting in BLMOVE
+    on an empty queue receives one like any task: it gives it back and takes it when idle."""
+    queue = SyncQueue(redis_client, Q)
+    worker = start_worker(config(handler="sample_handlers:slow", concurrency=2, interval=5))
+    wait_for(lambda: "starting worker" in worker.output(), timeout=15)
+    queue.enqueue_many(tasks(["long"], seconds=1.5))
+    wait_for(lambda: redis_client.lrange("test:started", 0, -1) == [b"long"], timeout=10)
+    time.sleep(0.2)  # busy, and blocked in its take on the empty queue
+    [suspect] = tasks(["suspect"], seconds=0)
+    redis_client.hset(KEYS.deliveries, suspect, 1)  # as REQUEUE leaves a dead worker's task
+    redis_client.rpush(Q, suspect)  # at the consuming end, as REQUEUE gives it back
+    time.sleep(0.5)
+    assert redis_client.lrange("test:started", 0, -1) == [b"long"], "the suspect ran beside"
+    wait_for(lambda: done(redis_client) == ["long", "suspect"], timeout=10)
+    assert redis_client.lrange("test:started", 0, -1) == [b"long", b"suspect"]  # once each
+    assert queue.counts() == EMPTY
+    assert redis_client.exists(KEYS.deliveries) == 0
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 0, worker.output()
+
+
+# --- drain_timeout with a sync handler
+
+
+def test_a_sync_task_cut_off_by_drain_timeout_is_not_given_back_while_its_thread_runs(
+        config, start_worker, redis_client):
+    """A sync handler's thread cannot be stopped: at drain_timeout its task stays in the
+    processing list (requeued once the process is gone), as for a stuck handler."""
+    queue = SyncQueue(redis_client, Q)
+    [raw] = tasks(["stuck"])
+    queue.enqueue_many([raw])
+    ini = config(handler="sample_handlers:sync_stuck", drain_timeout=0.3)
+    first = start_worker(ini)
+    wait_for(lambda: redis_client.lrange("test:started", 0, -1) == [b"stuck"], timeout=15)
+    first.signal(signal.SIGTERM)
+    assert first.wait(15) == 0, first.output()
+    assert "drain_timeout (0.3s) reached" in first.output()
+    assert redis_client.lrange(PROCESSING, 0, -1) == [raw]  # not in the queue for others
+    assert queue.counts() == {**EMPTY, "processing": 1}
+    assert done(redis_client) == []  # the thread died with its process
+    second = start_worker(ini)  # requeues what its predecessor left, and runs it
+    wait_for(lambda: done(redis_client) == ["stuck"], timeout=15)
+    assert "requeued 1 task(s) left by a previous run" in second.output()
+    second.signal(signal.SIGTERM)
+    assert second.wait(15) == 0
+    assert queue.counts() == EMPTY
+
+
+# --- metrics in shared memory
+
+
+def test_metrics_of_the_empty_task_type_do_not_hide_the_types_after_it():
+    scoreboard = Scoreboard(1)
+    try:
+        counters = {name: [index + 1] * len(TYPE_COUNTERS)
+                    for index, name in enumerate(["email", "", "report"])}
+        scoreboard.publish_metrics(0, counters, [0] * len(DURATION_BUCKETS), 0.5)
+        by_type, _, duration_sum = scoreboard.read_metrics(0)
+        assert by_type == counters
+        assert duration_sum == 0.5
+        scoreboard.clear_slot(0)
+        assert scoreboard.read_metrics(0)[0] == {}
+    finally:
+        scoreboard.close()

@@ -57,7 +57,7 @@ def decode_task(raw: bytes, max_payload_bytes: int) -> dict[str, Any]:
         raise InvalidTask("too_large", f"{len(raw)} bytes > max_payload_bytes {max_payload_bytes}")
     try:
         task = _loads(raw)
-    except _JSON_ERRORS as exc:
+    except _JSON_ERRORS + (RecursionError,) as exc:  # stdlib json: deep nesting recurses
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as utf_error:
@@ -162,9 +162,10 @@ class QueueKeys:
         """Hash: raw task -> how many deliveries ended with its worker dying (poison pills)."""
         return self.prefix + ":deliveries"
 
-    def settled(self, token: str) -> str:
-        """String, for a minute: this settlement was applied (a resend must not repeat it)."""
-        return f"{self.prefix}:settled:{token}"
+    def settled(self, processing: str) -> str:
+        """String: the token of the last settlement applied to a processing list (a resend of
+        it must not be applied again). One key per list, kept SETTLED_TTL after its last use."""
+        return self.prefix + ":settled:" + processing[len(self.prefix + ":processing:"):]
 
     def host_status(self, host: str) -> str:
         """String: the JSON status a supervisor publishes for `status --all-hosts`."""
@@ -233,26 +234,37 @@ for i = 1, count do reply[i + 1] = items[i] end
 return reply
 """
 
-# KEYS: processing, retry, dead, deliveries, settled-token.
-# ARGV: number of acks, the acked raws, then (kind, raw, member, score) records where kind is
-# 'r' (member goes to the retry set at score) or 'd' (member is the dead-letter entry).
+# How long the settled marker of a processing list outlives its last settlement: far longer
+# than any outage a worker keeps resending through (one small key per worker process).
+SETTLED_TTL = 86400
+# The error code of SETTLE's own refusal (a malformed call): sending it again cannot help.
+SETTLE_REFUSED = "REFUSED"
+
+# KEYS: processing, retry, dead, deliveries, settled marker.
+# ARGV: token, marker ttl, number of acks, the acked raws, then (kind, raw, member, score)
+# records where kind is 'r' (member goes to the retry set at score) or 'd' (member is the
+# dead-letter entry).
 SETTLE = """
-local acks = tonumber(ARGV[1])
-for i = acks + 2, #ARGV, 4 do
+local acks = tonumber(ARGV[3])
+local first = acks + 4
+for i = first, #ARGV, 4 do
   -- Refuse the whole call before any write: a script error does not roll back.
   if ARGV[i] == 'r' and not tonumber(ARGV[i + 3]) then
-    return redis.error_reply('bad retry score ' .. ARGV[i + 3])
+    return redis.error_reply('""" + SETTLE_REFUSED + """ bad retry score ' .. ARGV[i + 3])
   end
 end
 -- Sent again after a lost reply: already applied, do nothing. (A second LREM would remove
--- a still-running copy of an identical task.)
-if not redis.call('SET', KEYS[5], '1', 'NX', 'EX', 60) then return -1 end
+-- a still-running copy of an identical task.) A worker writes one settlement at a time and
+-- resends only the last one, so the last applied token of its list is all there is to know.
+if redis.call('GET', KEYS[5]) == ARGV[1] then return -1 end
+-- The first write: under maxmemory it fails (OOM) before anything else is written.
+redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[2])
 local track = redis.call('HLEN', KEYS[4]) > 0
-for i = 2, acks + 1 do
+for i = 4, acks + 3 do
   redis.call('LREM', KEYS[1], -1, ARGV[i])
   if track then redis.call('HDEL', KEYS[4], ARGV[i]) end
 end
-for i = acks + 2, #ARGV, 4 do
+for i = first, #ARGV, 4 do
   local raw = ARGV[i + 1]
   if redis.call('LREM', KEYS[1], -1, raw) == 1 then
     if ARGV[i] == 'r' then
@@ -266,22 +278,8 @@ end
 return acks
 """
 
-# KEYS: retry, queue. ARGV: now, limit. Retry members are '<token>:<raw>' (unique in the set).
-MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(due) do
-  local sep = string.find(member, ':', 1, true)
-  redis.call('LPUSH', KEYS[2], string.sub(member, sep + 1))
-end
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
-return #due
-"""
-
-# KEYS: processing, queue, dead, deliveries.
-# ARGV: max_deliveries, count (1 = this delivery ended in a death), now, host, worker.
-# Empties a processing list back to the head of the queue; a task whose deliveries reach
-# max_deliveries goes to the dead list instead. Returns {requeued, dead}.
-REQUEUE = """
+# Lua: is a string valid UTF-8 (else cjson would write bytes that are not JSON)?
+_LUA_VALID_UTF8 = """
 local function valid_utf8(text)
   local i, n = 1, #text
   while i <= n do
@@ -305,6 +303,46 @@ local function valid_utf8(text)
   end
   return true
 end
+-- A dead-letter entry holding raw exactly: bytes JSON cannot hold are hex-encoded.
+local function dead_entry(raw, fields)
+  fields.task = raw
+  if not valid_utf8(raw) then
+    fields.task = '(not UTF-8)'
+    fields.task_hex = (raw:gsub('.', function(ch)
+      return string.format('%02x', string.byte(ch))
+    end))
+  end
+  return cjson.encode(fields)
+end
+"""
+
+# KEYS: retry, queue, dead. ARGV: now, limit. Retry members are '<token>:<raw>' (unique in
+# the set). Each member is removed as it is handled, and one without the separator (not
+# written by workerpool) is dead-lettered: a member that stayed would be pushed every tick.
+# Returns how many tasks went back to the queue.
+MOVE_DUE = _LUA_VALID_UTF8 + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved = 0
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  local sep = string.find(member, ':', 1, true)
+  if sep then
+    redis.call('LPUSH', KEYS[2], string.sub(member, sep + 1))
+    moved = moved + 1
+  else
+    redis.call('LPUSH', KEYS[3], dead_entry(member, {reason = 'bad_retry_entry',
+      error = 'retry set member without the token separator', failed_at = tonumber(ARGV[1]),
+      attempts = 0, host = '', worker = ''}))
+  end
+end
+return moved
+"""
+
+# KEYS: processing, queue, dead, deliveries.
+# ARGV: max_deliveries, count (1 = this delivery ended in a death), now, host, worker.
+# Empties a processing list back to the head of the queue; a task whose deliveries reach
+# max_deliveries goes to the dead list instead. Returns {requeued, dead}.
+REQUEUE = _LUA_VALID_UTF8 + """
 local limit = tonumber(ARGV[1])
 local count = tonumber(ARGV[2])
 local requeued, dead = 0, 0
@@ -317,17 +355,9 @@ while true do
   end
   if count == 1 and deliveries >= limit then
     redis.call('HDEL', KEYS[4], raw)
-    local entry = {task = raw, reason = 'max_deliveries',
+    redis.call('LPUSH', KEYS[3], dead_entry(raw, {reason = 'max_deliveries',
       error = 'its worker died ' .. deliveries .. ' times while running it',
-      failed_at = tonumber(ARGV[3]), attempts = deliveries, host = ARGV[4], worker = ARGV[5]}
-    if not valid_utf8(raw) then
-      -- JSON cannot hold these bytes: keep them exactly, hex-encoded.
-      entry.task = '(not UTF-8)'
-      entry.task_hex = (raw:gsub('.', function(ch)
-        return string.format('%02x', string.byte(ch))
-      end))
-    end
-    redis.call('LPUSH', KEYS[3], cjson.encode(entry))
+      failed_at = tonumber(ARGV[3]), attempts = deliveries, host = ARGV[4], worker = ARGV[5]}))
     dead = dead + 1
   else
     redis.call('RPUSH', KEYS[2], raw)
@@ -356,6 +386,16 @@ for i = 1, #items do
   end
 end
 return released
+"""
+
+# KEYS: processing, queue. ARGV: raw. Gives one task taken but not started back to the
+# consuming end of the queue (it is the next to be taken, as it was). Returns 1 if it was held.
+GIVE_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
 """
 
 # KEYS: dead, queue. ARGV: entry, raw task. Moves one dead entry's task back to the queue.
@@ -400,6 +440,7 @@ SCRIPTS = {
     "move_due": MOVE_DUE,
     "requeue": REQUEUE,
     "release_unknown": RELEASE_UNKNOWN,
+    "give_back": GIVE_BACK,
     "revive": REVIVE,
     "heartbeat": HEARTBEAT,
     "hosts_by_age": HOSTS_BY_AGE,
@@ -439,7 +480,7 @@ class Settlement:
         self.records += (b"d", raw, entry, b"0")
 
     def args(self) -> list[Any]:
-        return [len(self.acks), *self.acks, *self.records]
+        return [self.token, SETTLED_TTL, len(self.acks), *self.acks, *self.records]
 
 
 class _Base:
@@ -461,12 +502,13 @@ class _Base:
         self, processing: str, settlement: Settlement
     ) -> tuple[Any, list[str], list[Any]]:
         keys = [processing, self.keys.retry, self.keys.dead, self.keys.deliveries,
-                self.keys.settled(settlement.token)]
+                self.keys.settled(processing)]
         return self._scripts["settle"], keys, settlement.args()
 
     def _move_due_call(self, now: float | None, limit: int) -> tuple[Any, list[str], list[Any]]:
         when = time.time() if now is None else now
-        return self._scripts["move_due"], [self.keys.retry, self.keys.queue], [repr(when), limit]
+        keys = [self.keys.retry, self.keys.queue, self.keys.dead]
+        return self._scripts["move_due"], keys, [repr(when), limit]
 
     def _requeue_call(
         self, processing: str, max_deliveries: int, count_delivery: bool
@@ -680,6 +722,11 @@ class AsyncQueue(_Base):
         if len(settlement):
             await self._call(self._settle_call(processing, settlement))
 
+    async def give_back(self, processing: str, raw: bytes) -> bool:
+        """Return one task taken but not started to the consuming end of the queue."""
+        call = (self._scripts["give_back"], [processing, self.keys.queue], [raw])
+        return bool(await self._call(call))
+
     async def move_due_retries(self, now: float | None = None, limit: int = MAX_BATCH) -> int:
         return int(await self._call(self._move_due_call(now, limit)))
 
@@ -695,6 +742,12 @@ class AsyncQueue(_Base):
 
 
 TAKEN, SUSPECT, WAIT_IDLE = 0, 1, 2  # the flag of a take (see the TAKE script)
+
+
+def is_settle_refusal(error: Exception) -> bool:
+    """True if SETTLE refused a malformed call (sending it again cannot help); any other error
+    reply - OOM, READONLY, CLUSTERDOWN, TRYAGAIN, MASTERDOWN, BUSY, LOADING - passes."""
+    return str(error).startswith(SETTLE_REFUSED + " ")
 
 
 def _take_reply(reply: list[Any]) -> tuple[list[bytes], int]:

@@ -43,7 +43,8 @@ _OFFSET = {name: struct.calcsize("<" + "".join(_SLOT.format[1:][:i])) for i, nam
 _FORMAT = {name: "<" + _SLOT.format[1:][i] for i, name in enumerate(_FIELDS)}
 
 # Per-slot metrics, written by the worker about once a second (single writer): up to
-# TYPE_ROWS task types, each a name and counters, then a histogram of task durations.
+# TYPE_ROWS task types, each a name and counters, then a histogram of task durations, then
+# how many type rows are in use (a name cannot mark the end: the type "" is all NUL bytes).
 TYPE_ROWS = 32
 TYPE_NAME_BYTES = 40
 TYPE_COUNTERS = ("taken", "succeeded", "failed", "retried", "dead")
@@ -51,7 +52,8 @@ _TYPE_ROW = struct.Struct(f"<{TYPE_NAME_BYTES}s{len(TYPE_COUNTERS)}q")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, float("inf"))
 _HISTOGRAM = struct.Struct(f"<{len(DURATION_BUCKETS)}qd")
-_METRICS_SIZE = TYPE_ROWS * _TYPE_ROW.size + _HISTOGRAM.size
+_ROW_COUNT = struct.Struct("<q")
+_METRICS_SIZE = TYPE_ROWS * _TYPE_ROW.size + _HISTOGRAM.size + _ROW_COUNT.size
 OTHER_TYPES = "(other)"  # where types beyond TYPE_ROWS are counted
 
 FREE, STARTING, IDLE, BUSY, DRAINING, STOPPED = range(6)
@@ -216,15 +218,17 @@ class Scoreboard:
             _TYPE_ROW.pack_into(self._memory, start + row * _TYPE_ROW.size, encoded, *counters)
         _HISTOGRAM.pack_into(self._memory, start + TYPE_ROWS * _TYPE_ROW.size,
                              *histogram, duration_sum)
+        _ROW_COUNT.pack_into(self._memory, start + TYPE_ROWS * _TYPE_ROW.size + _HISTOGRAM.size,
+                             len(rows))
 
     def read_metrics(self, index: int) -> tuple[dict[str, list[int]], list[int], float]:
         """A worker's published counters by type, its histogram counts and duration sum."""
         start = self._metrics_at + index * _METRICS_SIZE
         by_type: dict[str, list[int]] = {}
-        for row in range(TYPE_ROWS):
+        (rows,) = _ROW_COUNT.unpack_from(
+            self._memory, start + TYPE_ROWS * _TYPE_ROW.size + _HISTOGRAM.size)
+        for row in range(min(rows, TYPE_ROWS)):
             name, *counters = _TYPE_ROW.unpack_from(self._memory, start + row * _TYPE_ROW.size)
-            if not name.strip(b"\0"):
-                break
             by_type[name.rstrip(b"\0").decode("utf-8", "replace")] = counters
         *histogram, duration_sum = _HISTOGRAM.unpack_from(
             self._memory, start + TYPE_ROWS * _TYPE_ROW.size)

@@ -80,7 +80,10 @@ def _is_async(handler: Callable[..., Any]) -> bool:
 
 
 def _short(task: Any, limit: int = 200) -> str:
-    text = repr(task)
+    try:
+        text = repr(task)
+    except RecursionError:  # JSON nested deeper than repr() can go (orjson decodes ~1000 deep)
+        return f"<{type(task).__name__} nested too deeply to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -222,8 +225,9 @@ class Worker:
         if running:
             done, not_done = await asyncio.wait(running, timeout=self.config.drain_timeout)
             if not_done:
-                log.warning("drain_timeout (%gs) reached: giving back %d unfinished task(s)",
-                            self.config.drain_timeout, len(not_done))
+                log.warning("drain_timeout (%gs) reached: %d unfinished task(s) go back to the "
+                            "queue%s", self.config.drain_timeout, len(not_done),
+                            "" if self.handler_is_async else " once this process is gone")
                 for delivery, task in list(self._running.items()):
                     if task in not_done:
                         self._drain_cancelled.add(delivery)
@@ -302,19 +306,21 @@ class Worker:
                     await self._reconcile()
                 if not idle:
                     items, flag = await queue.take_batch(key, granted, self.in_flight == 0)
-                if flag == protocol.WAIT_IDLE:
-                    # The oldest task is a suspect, for an idle worker to take: finish ours.
-                    scoreboard.release(index, granted)
-                    await self._wait_for_slot(0.05)
-                    continue
-                if not items:
+                if not items and flag != protocol.WAIT_IDLE:
                     scoreboard.release(index, granted - 1)
                     granted = 1
                     raw = await queue.take_blocking(key, self.config.interval)
-                    if raw is not None:
+                    busy = self.in_flight > 0
+                    if raw is not None and busy and await queue.is_suspect(raw):
+                        # BLMOVE cannot refuse a suspect to a busy worker as TAKE does: give
+                        # it back to be taken alone by an idle worker (this one, later).
+                        await queue.give_back(key, raw)
+                        flag = protocol.WAIT_IDLE
+                    elif raw is not None:
                         items = [raw]
-                        blocked = True
-                idle = not items
+                        # Idle: start it at once and ask whether it is a suspect after.
+                        blocked = not busy
+                idle = not items and flag != protocol.WAIT_IDLE
                 backoff = RECONNECT_MIN
                 if self._redis_down_since is not None:
                     log.warning("redis reachable again after %.1fs",
@@ -329,6 +335,11 @@ class Worker:
                 self._connection_lost(exc, backoff)
                 await self._wait_for_slot(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
+            if flag == protocol.WAIT_IDLE:
+                # The oldest task is a suspect, for an idle worker to take: finish ours.
+                scoreboard.release(index, granted)
+                await self._wait_for_slot(0.05)
                 continue
             if len(items) < granted:
                 scoreboard.release(index, granted - len(items))
@@ -408,13 +419,11 @@ class Worker:
             try:
                 task = decode_task(raw, max_payload)
             except InvalidTask as exc:
-                log.warning("invalid task dead-lettered (%s): %s", exc.reason, _short(raw))
-                counts = self._counts(INVALID_TYPE)
-                counts[TAKEN] += 1
-                counts[DEAD] += 1
-                entry = protocol.dead_entry(raw, exc.reason, exc.detail, 0, self.host, self.name)
-                self._pending.dead(raw, entry)
-                self._settled(delivery, finished=True, failed=True)
+                self._dead_letter_invalid(delivery, raw, exc.reason, exc.detail)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a decoder's surprise must not stop the pool
+                self._dead_letter_invalid(delivery, raw, "undecodable",
+                                          f"{type(exc).__name__}: {exc}")
                 continue
             self.in_flight += 1
             running_task = new_task(run(delivery, raw, task))
@@ -426,6 +435,14 @@ class Worker:
             self._timeout_timer = self.loop.call_at(
                 self._loop_time(self._deadlines[0][0]), self._expire_timeouts)
         self.scoreboard.set(self.index, "in_flight", self.in_flight)
+
+    def _dead_letter_invalid(self, delivery: int, raw: bytes, reason: str, detail: str) -> None:
+        log.warning("invalid task dead-lettered (%s): %s", reason, _short(raw))
+        counts = self._counts(INVALID_TYPE)
+        counts[TAKEN] += 1
+        counts[DEAD] += 1
+        self._pending.dead(raw, protocol.dead_entry(raw, reason, detail, 0, self.host, self.name))
+        self._settled(delivery, finished=True, failed=True)
 
     def _loop_time(self, monotonic: float) -> float:
         return self.loop.time() + (monotonic - time.monotonic())
@@ -478,13 +495,15 @@ class Worker:
                                         self._duration_sum)
 
     async def _run(self, delivery: int, raw: bytes, task: dict) -> None:
-        if self._log_tasks:
-            log.info("processing task: %s", _short(task))
         counts = self._counts(task["type"])  # now: the handler may change the dict
         counts[TAKEN] += 1
         started = time.monotonic()
         error: BaseException
+        # Everything that can raise is inside the try: whatever happens, the delivery settles
+        # (or is left for the requeue), so its slot, in_flight and processing entry never leak.
         try:
+            if self._log_tasks:
+                log.info("processing task: %s", _short(task))
             if self.handler_is_async:
                 await self.handler(task)
             else:
@@ -492,10 +511,13 @@ class Worker:
         except asyncio.CancelledError as exc:
             if delivery in self._drain_cancelled:
                 # Cancelled at drain_timeout: the task stays in the processing list and is
-                # given back by the final requeue.
+                # given back by the final requeue - unless a sync handler's thread still runs
+                # it: like an abandoned one, it is requeued once this process is gone.
                 counts[TAKEN] -= 1
                 self._finish_running(delivery)
-                self.held.pop(delivery, None)
+                raw_held = self.held.pop(delivery, None)
+                if not self.handler_is_async and raw_held is not None:
+                    self._abandoned.append(raw_held)
                 self.scoreboard.release(self.index, 1)
                 raise
             if delivery in self._timed_out:
@@ -626,11 +648,21 @@ class Worker:
                     await self.queue.settle(self.processing_key, settlement)
                     break
                 except ResponseError as exc:
-                    # Redis refused the script before writing anything (see SETTLE): sending
-                    # it again cannot help. The tasks stay in the processing list and go back
-                    # to the queue when this worker stops.
-                    log.error("redis refused %d result(s) (%s); they go back to the queue later",
+                    if not protocol.is_settle_refusal(exc):
+                        # A temporary refusal (OOM, READONLY, CLUSTERDOWN, TRYAGAIN, BUSY...):
+                        # keep the results and send the same call again (its token makes that
+                        # safe). Dropping them would rerun finished tasks.
+                        self._connection_lost(exc, backoff)
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, RECONNECT_MAX)
+                        continue
+                    # SETTLE refused a malformed call before writing anything: sending it
+                    # again cannot help. None of these tasks finished: the next reconcile
+                    # gives them back to the queue, and their slots go back to the budget.
+                    log.error("redis refused %d result(s) (%s); they go back to the queue",
                               len(settlement), exc)
+                    self._needs_reconcile = True
+                    finished, returned = 0, finished + returned
                     break
                 except RedisError as exc:
                     self._connection_lost(exc, backoff)
