@@ -183,3 +183,25 @@ def sync_stuck(task: dict) -> None:
     _mark("started", task)
     time.sleep(3 if first else 0)
     _mark("done", task)
+
+
+async def record_then_die_after_settle(task: dict) -> None:
+    """Succeed; the first worker to run one (data.marker not yet there) dies right after Redis
+    applied its next batch of results, before it could count them."""
+    marker = task["data"]["marker"]
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+        from workerpool.protocol import AsyncQueue
+
+        settle = AsyncQueue.settle
+
+        async def settle_then_die(self, processing, settlement):
+            await settle(self, processing, settlement)
+            os._exit(1)
+
+        AsyncQueue.settle = settle_then_die
+    _mark("done", task)

@@ -375,6 +375,21 @@ def test_max_tasks_exact_with_4_workers(pool_ini, redis_client, start_pool):
     assert processing_keys(redis_client) == []
 
 
+def test_max_tasks_exact_when_a_worker_dies_after_its_results_were_written(
+        pool_ini, redis_client, start_pool, tmp_path):
+    # The worker dies between Redis applying its results and counting them: the supervisor
+    # must count them from Redis, else it hands their slots out again (21 would finish).
+    ini = pool_ini(handler="sample_handlers:record_then_die_after_settle", log_level="info")
+    ids = [f"s{i:02d}" for i in range(40)]
+    enqueue(ini, ids, marker=str(tmp_path / "died"))
+    pool = start_pool(ini, "--workers", "2", "--concurrency", "1", "--max-tasks", "20")
+    assert pool.wait(60) == 0, pool.log()
+    assert "died after its last 1 result(s) were written: counted" in pool.log()
+    # A task the dying worker had started meanwhile ran again elsewhere (at least once).
+    assert set(ids_of(redis_client, "test:done")) == set(ids[:20])
+    assert depths(redis_client) == {"pending": 20, "processing": 0, "retry": 0, "dead": 0}
+
+
 # --- 3. kill -9 of random workers under load
 
 

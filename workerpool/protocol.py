@@ -467,6 +467,11 @@ class Settlement:
         # Names this write: sent again after a lost reply, it is not applied twice.
         self.token = os.urandom(8).hex()
 
+    @property
+    def token_number(self) -> int:
+        """The token as an unsigned 64-bit number (for the scoreboard)."""
+        return int(self.token, 16)
+
     def __len__(self) -> int:
         return len(self.acks) + len(self.records) // 4
 
@@ -568,6 +573,11 @@ class SyncQueue(_Base):
     def move_due_retries(self, now: float | None = None, limit: int = MAX_BATCH) -> int:
         """Move retries whose time has come back to the queue; returns how many."""
         return int(self._call(self._move_due_call(now, limit)))
+
+    def last_settlement(self, processing: str) -> int | None:
+        """The token number of the last settlement applied to a processing list, if any."""
+        token = self.client.get(self.keys.settled(processing))
+        return int(token, 16) if token else None
 
     def requeue(
         self, processing: str, max_deliveries: int, count_delivery: bool = True

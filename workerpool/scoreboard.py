@@ -24,7 +24,9 @@ _HEADER_SIZE = 64
 
 # One worker slot. `holding` is how many global slots the worker holds (reserved, taken,
 # not yet finished or returned); the supervisor gives them back when the worker dies.
-_SLOT = struct.Struct("<qqdqqqdqdq")
+# `settling` tasks finished in the settlement being written, whose token is `settle_token`:
+# if the worker dies with it in flight, Redis tells whether it was applied.
+_SLOT = struct.Struct("<qqdqqqdqdqqQ")
 _SLOT_SIZE = 128
 _FIELDS = (
     "pid",
@@ -37,6 +39,8 @@ _FIELDS = (
     "holding",
     "started_at",
     "generation",
+    "settling",
+    "settle_token",
 )
 _OFFSET = {name: struct.calcsize("<" + "".join(_SLOT.format[1:][:i])) for i, name in
            enumerate(_FIELDS)}
@@ -75,6 +79,8 @@ class SlotView:
     holding: int
     started_at: float
     generation: int
+    settling: int
+    settle_token: int
 
     @property
     def state_name(self) -> str:
@@ -140,16 +146,17 @@ class Scoreboard:
             self._add(index, "holding", -count)
 
     def finish(self, index: int, count: int) -> None:
-        """Record `count` tasks finished for good (acked or dead-lettered)."""
-        if count <= 0:
-            return
-        if self.max_tasks == 0:
+        """Record `count` tasks finished for good (acked or dead-lettered): the worker's
+        settlement in flight (`settling`) is accounted for."""
+        if self.max_tasks == 0 or count <= 0:
             self._add(index, "holding", -count)
+            self.set(index, "settling", 0)
             return
         with self._locked():
             finished = struct.unpack_from("<q", self._memory, 8)[0]
             struct.pack_into("<q", self._memory, 8, finished + count)
             self._add(index, "holding", -count)
+            self.set(index, "settling", 0)
 
     def budget_spent(self) -> bool:
         """True when max_tasks is set and that many tasks have finished."""
@@ -160,6 +167,16 @@ class Scoreboard:
         """True when no slot is left to reserve now (more may come back from retries)."""
         taken, _, max_tasks = self.totals()
         return max_tasks > 0 and taken >= max_tasks
+
+    def finish_settlement(self, index: int, applied_token: int | None) -> int:
+        """For a dead worker: count the tasks of the settlement it had in flight as finished
+        if Redis applied it (its token is the list's last applied one); returns how many."""
+        settling = int(self.get(index, "settling"))
+        if settling <= 0 or applied_token != self.get(index, "settle_token"):
+            return 0
+        self.finish(index, settling)
+        self.add(index, "processed", settling)
+        return settling
 
     def reclaim(self, index: int) -> int:
         """Return the slots a dead worker held to the global budget; returns how many."""
@@ -238,7 +255,7 @@ class Scoreboard:
         """Set up a slot for a newly forked worker (called by the supervisor)."""
         now = time.monotonic()
         _SLOT.pack_into(self._memory, _HEADER_SIZE + index * _SLOT_SIZE,
-                        pid, STARTING, now, 0, 0, 0, 0.0, 0, time.time(), generation)
+                        pid, STARTING, now, 0, 0, 0, 0.0, 0, time.time(), generation, 0, 0)
 
     def slot(self, index: int) -> SlotView:
         values = _SLOT.unpack_from(self._memory, _HEADER_SIZE + index * _SLOT_SIZE)

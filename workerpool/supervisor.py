@@ -430,6 +430,7 @@ class Supervisor:
         # our doing counts as a delivery of each task it held (poison-pill detection).
         count = not clean and not killed_by_us and not stopped_while_starting
         self._requeue_list(worker, count_delivery=count)
+        self._count_last_settlement(worker)
         self.scoreboard.reclaim(worker.slot)
         self.processed_by_exited += self.scoreboard.get(worker.slot, "processed")
         self.exited_metrics.add(*self.scoreboard.read_metrics(worker.slot))
@@ -459,6 +460,28 @@ class Supervisor:
                             f"crash_window {self.config.crash_window:g}s "
                             f"(crash_limit {self.config.crash_limit})")
         log.info("restarting worker %s in %.1fs", worker.name, backoff)
+
+    def _count_last_settlement(self, worker: WorkerProcess) -> None:
+        """A worker that died while writing results may have had them applied: if so they
+        count as finished, else reclaim() would hand their slots out again (max_tasks
+        exceeded by up to one batch)."""
+        if not self.scoreboard.get(worker.slot, "settling"):
+            return
+        applied = None
+        if not self._redis_failed_this_tick:
+            key = self.queue.keys.processing(self.host, worker.list_id)
+            try:
+                applied = self.queue.last_settlement(key)
+            except RedisError:
+                self._redis_failed_this_tick = True
+        if applied is None and self._redis_failed_this_tick:
+            log.warning("worker %s died while writing %d result(s) and redis cannot tell "
+                        "whether they were written: max_tasks may be exceeded by as many",
+                        worker.name, self.scoreboard.get(worker.slot, "settling"))
+        counted = self.scoreboard.finish_settlement(worker.slot, applied)
+        if counted:
+            log.info("worker %s died after its last %d result(s) were written: counted",
+                     worker.name, counted)
 
     def _requeue_list(self, worker: WorkerProcess, *, count_delivery: bool) -> None:
         key = self.queue.keys.processing(self.host, worker.list_id)

@@ -643,6 +643,10 @@ class Worker:
             finished, returned, failed = self._pending_counts
             self._pending_counts = [0, 0, 0]
             self._writing = settlement
+            # Should this process die before the reply, the supervisor asks Redis whether
+            # this settlement was applied, and counts its finished tasks toward max_tasks.
+            self.scoreboard.set(self.index, "settle_token", settlement.token_number)
+            self.scoreboard.set(self.index, "settling", finished)
             while True:
                 try:
                     await self.queue.settle(self.processing_key, settlement)
