@@ -127,3 +127,14 @@ def reaper() -> Iterator[ProcessReaper]:
     tracker = ProcessReaper()
     yield tracker
     tracker.kill_all()
+
+
+def refuse_writes(client) -> None:
+    """Make a noeviction server refuse every write for lack of memory (OOM), until
+    `CONFIG SET maxmemory 0`. (Filling memory up to a limit is not steady: the server's own
+    buffers come and go, and a write may slip under the limit.)"""
+    import redis
+
+    client.config_set("maxmemory", 1)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("refused", b"x")

@@ -12,6 +12,7 @@ import time
 import pytest
 import redis
 import redis.asyncio
+from conftest import refuse_writes
 from redis.crc import key_slot
 
 from workerpool import protocol
@@ -842,15 +843,14 @@ def test_settle_under_maxmemory_writes_nothing_and_applies_once_memory_is_back(
         make_redis_server):
     """OOM is a temporary refusal: the script fails at its first write, before any change,
     so the same settlement sent again once memory is freed is applied exactly once."""
-    server = make_redis_server(extra_args=("--maxmemory", "3mb",
-                                           "--maxmemory-policy", "noeviction"))
+    server = make_redis_server(extra_args=("--maxmemory-policy", "noeviction"))
     client = server.client()
     try:
         queue = SyncQueue(client, Q)
         processing = queue.keys.processing(HOST, "w1")
         queue.enqueue_many(raws("a", "b"))
         taken = queue.take(processing, 2)
-        _fill_memory(client)
+        refuse_writes(client)
         settlement = Settlement()
         settlement.ack(taken[0])
         settlement.retry(taken[1], taken[1], time.time() + 60)
@@ -859,20 +859,10 @@ def test_settle_under_maxmemory_writes_nothing_and_applies_once_memory_is_back(
         assert not protocol.is_settle_refusal(caught.value)
         assert client.lrange(processing, 0, -1) == list(reversed(taken))
         assert client.zcard(queue.keys.retry) == 0
-        client.delete(*client.keys("fill:*"))
+        client.config_set("maxmemory", 0)
         queue.settle(processing, settlement)
         queue.settle(processing, settlement)  # a resend after a lost reply: nothing more
         assert client.llen(processing) == 0
         assert client.zcard(queue.keys.retry) == 1
     finally:
         client.close()
-
-
-def _fill_memory(client: redis.Redis) -> None:
-    """Write until a maxmemory + noeviction server refuses writes."""
-    for i in range(10_000):
-        try:
-            client.set(f"fill:{i}", b"x" * 10_000)
-        except redis.exceptions.OutOfMemoryError:
-            return
-    raise AssertionError("maxmemory was never reached")

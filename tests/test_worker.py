@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
-from conftest import wait_for
+from conftest import refuse_writes, wait_for
 from redis_server import free_port
 
 from workerpool.protocol import QueueKeys, SyncQueue, dead_entry_task, encode_task, new_task
@@ -633,8 +632,7 @@ def test_results_refused_for_lack_of_memory_are_written_later(make_redis_server,
     (tmp_path / "gated_handlers.py").write_text(GATED_HANDLERS)
     gate, results = tmp_path / "gate", tmp_path / "results.txt"
     results.touch()
-    server = make_redis_server(extra_args=("--maxmemory", "4mb",
-                                           "--maxmemory-policy", "noeviction"))
+    server = make_redis_server(extra_args=("--maxmemory-policy", "noeviction"))
     client = server.client()
     try:
         queue = SyncQueue(client, Q)
@@ -645,19 +643,13 @@ def test_results_refused_for_lack_of_memory_are_written_later(make_redis_server,
             "concurrency": 6, "max_tasks": 6, "interval": 1, "log_level": "info",
         }))
         wait_for(lambda: client.llen(PROCESSING) == 6, timeout=15)
-        filled = 0
-        while True:
-            try:
-                client.set(f"fill:{filled}", b"x" * 10_000)
-                filled += 1
-            except redis.exceptions.OutOfMemoryError:
-                break
+        refuse_writes(client)
         gate.touch()  # the six handlers finish; their results cannot be written
         wait_for(lambda: len(results.read_text().split()) == 6, timeout=10)
         wait_for(lambda: worker.output().count("maxmemory") >= 2, timeout=10)  # sent again
         assert worker.running(), worker.output()
         assert client.llen(PROCESSING) == 6  # nothing acked, nothing given back
-        client.delete(*(f"fill:{i}" for i in range(filled)))
+        client.config_set("maxmemory", 0)
         assert worker.wait(20) == 0, worker.output()
         finished = results.read_text().split()
         assert sorted(finished, key=int) == ids[:6], finished  # each once
