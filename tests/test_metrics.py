@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import wait_for
+from conftest import alive, children, wait_for
 from redis_server import free_port
 
 from workerpool.protocol import SyncQueue, new_task
@@ -152,7 +152,7 @@ def test_workers_do_not_keep_the_metrics_port(write_config, redis_url, redis_cli
     wait_for(lambda: _up(port), timeout=15)
     SyncQueue(redis_client, "async_tasks").enqueue(new_task("slow", {"seconds": 4}, id="s"))
     wait_for(lambda: redis_client.lrange("test:started", 0, -1) == [b"s"], timeout=10)
-    workers = _children(process.pid)
+    workers = children(process.pid)
     assert len(workers) == 1
     for pid in workers:
         reaper.add(pid)
@@ -161,9 +161,9 @@ def test_workers_do_not_keep_the_metrics_port(write_config, redis_url, redis_cli
     with socket.socket() as successor:
         successor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         successor.bind(("127.0.0.1", port))  # EADDRINUSE while a worker held the listener
-        assert all(_running(pid) for pid in workers)  # bound while the worker still lives
+        assert all(alive(pid) for pid in workers)  # bound while the worker still lives
     deadline = time.monotonic() + 20
-    while any(_running(pid) for pid in workers):
+    while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "the orphaned worker did not exit"
         time.sleep(0.05)
     for pid in workers:
@@ -172,21 +172,3 @@ def test_workers_do_not_keep_the_metrics_port(write_config, redis_url, redis_cli
         except ProcessLookupError:
             pass
 
-
-def _stat_fields(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return []
-    return data[data.rfind(b")") + 1:].split()
-
-
-def _running(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return bool(fields) and fields[0] not in (b"Z", b"X")
-
-
-def _children(pid: int) -> set[int]:
-    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit()
-            and _running(int(entry)) and int(_stat_fields(int(entry))[1]) == pid}

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ProcessReaper, wait_for
+from conftest import ProcessReaper, alive, children, wait_for
 from redis_server import free_port
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -72,33 +72,6 @@ def read_status(pidfile: str) -> dict:
             return json.load(handle)
     except (OSError, ValueError):
         return {}
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, which nobody may reap in a container, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 1:].split()[0] not in (b"Z", b"X")
-
-
-def children(pid: int) -> set[int]:
-    """Live child processes of `pid` (from /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                data = handle.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 1:].split()
-        if int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
-            found.add(int(entry))
-    return found
 
 
 def _log_time(text: str) -> float:
