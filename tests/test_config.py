@@ -144,6 +144,12 @@ def test_percent_in_url_password_is_kept_literally(tmp_path):
     assert load_config(path, environ={}).redis_url == "redis://:p%40ss%25w@db.example:6379/2"
 
 
+def test_sentinels_may_be_listed_one_per_line(tmp_path):
+    path = write_ini(tmp_path, "[workerpool]\nredis_mode = sentinel\nsentinels =\n"
+                               "  s1:26379\n  s2:26380,\n")
+    assert load_config(path, environ={}).sentinels == (("s1", 26379), ("s2", 26380))
+
+
 def test_inline_comments_are_stripped(tmp_path):
     path = write_ini(
         tmp_path, "[workerpool]\ninterval = 2  # two seconds\nworkers = 3 ; three\n"
@@ -422,7 +428,7 @@ FILE_ERRORS = [
     pytest.param(
         "[workerpool]\nredis_url = redis://localhost:6379/0?socket_timeout=5\n",
         ["{path} [workerpool] redis_url = 'redis://localhost:6379/0?socket_timeout=5': "
-         + URL_FORMS, "(query option 'socket_timeout' is not supported: only db"],
+         + URL_FORMS, "(the only query option taken is ?db=N"],
         id="url-query-option",
     ),
     pytest.param(
@@ -576,6 +582,11 @@ def test_passwords_stay_out_of_error_messages(tmp_path):
         load_config(search=False, environ={"WORKERPOOL_REDIS_URL": "redis://:p/w?x#y@db:1/0"})
     assert "p/w?x#y" not in str(caught.value)
     assert "redis_url = 'redis://:***@db:1/0'" in str(caught.value)
+    # A "?" puts the rest of the password in the query: not quoted as an option either.
+    with pytest.raises(ConfigError) as caught:
+        load_config(search=False, environ={"WORKERPOOL_REDIS_URL": "redis://u:pa?ss0rd@h:1/0"})
+    assert "ss0rd" not in str(caught.value)
+    assert "percent-encoded" in str(caught.value)
     # An unknown key might be a mistyped password key: its value is not echoed.
     typo = write_ini(tmp_path, "[email]\npasword = smtp-secret\n", "typo.ini")
     with pytest.raises(ConfigError) as caught:

@@ -595,6 +595,17 @@ def test_unknown_type_is_acknowledged_by_default(caplog: pytest.LogCaptureFixtur
     assert "task of unknown type 'sms' acknowledged: {'n': 1}" in handler_log(caplog)
 
 
+def test_unknown_type_nested_too_deep_to_show_is_still_acknowledged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    setup()
+    data: list = []
+    for _ in range(100_000):  # deeper than repr() can go, as orjson may decode ~1000 levels
+        data = [data]
+    with caplog.at_level(logging.INFO, logger="workerpool.handlers"):
+        assert asyncio.run(async_handle({"type": "sms", "data": data})) is None
+    assert "acknowledged: <data nested too deeply to show>" in handler_log(caplog)
+
+
 def test_unknown_type_is_rejected_when_configured_dead() -> None:
     setup(unknown_types="dead")
     with pytest.raises(TaskRejected, match="unknown task type 'sms'"):

@@ -126,8 +126,9 @@ def _redis_url(raw: str) -> str:
     query = parse_qsl(parts.query, keep_blank_values=True)
     for name, option_value in query:
         if name != "db":
-            raise ValueError(allowed + f" (query option {name!r} is not supported: only db; "
-                             "set a password with password_file or WORKERPOOL_REDIS_PASSWORD)")
+            # The name is not quoted: an unencoded "?" in a password puts the rest of it here.
+            raise ValueError(allowed + " (the only query option taken is ?db=N; a password "
+                             "holding / ? # @ or % must be percent-encoded)")
         if not option_value.isdigit():
             raise ValueError(allowed + " (db must be a number)")
     if parts.scheme == "unix":
@@ -444,6 +445,8 @@ def _single_line(raw: str) -> str:
 
 
 def _parse(option: Option, raw: str, where: str) -> Any:
+    if option.name == "sentinels":  # a list: one host:port per line is as good as commas
+        raw = raw.replace("\n", ",")
     try:
         return option.parse(_single_line(raw))
     except ValueError as exc:

@@ -47,7 +47,10 @@ async def async_handle(task: dict) -> None:
     elif config.unknown_types == "dead":
         raise TaskRejected(f"unknown task type {kind!r}")
     else:
-        data = repr(task.get("data"))
+        try:
+            data = repr(task.get("data"))
+        except RecursionError:  # nested deeper than repr() goes: still a task to acknowledge
+            data = "<data nested too deeply to show>"
         log.info("task of unknown type %r acknowledged: %s", kind,
                  data if len(data) <= 200 else data[:197] + "...")
 
