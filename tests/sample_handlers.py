@@ -56,6 +56,14 @@ async def slow(task: dict) -> None:
     _mark("done", task)
 
 
+async def gated(task: dict) -> None:
+    """Start, then wait (without blocking the loop) until the file data.gate exists; succeed."""
+    _mark("started", task)
+    while not os.path.exists(task["data"]["gate"]):
+        await asyncio.sleep(0.01)
+    _mark("done", task)
+
+
 async def flaky(task: dict) -> None:
     """Fail until the task has been attempted data.failures times, then succeed."""
     _mark("started", task)

@@ -827,16 +827,27 @@ def test_settle_refusal_is_recognised_and_nothing_is_written(queue, processing, 
     settlement.records += (b"r", raw, retry_member(raw), b"not-a-number")
     with pytest.raises(redis.ResponseError) as caught:
         queue.settle(processing, settlement)
-    assert protocol.is_settle_refusal(caught.value)
+    assert not protocol.is_temporary_error(caught.value)
+    assert str(caught.value).startswith(protocol.SETTLE_REFUSED + " ")
     assert redis_client.lrange(processing, 0, -1) == [raw]
     assert redis_client.exists(queue.keys.settled(processing)) == 0
-    # Errors that pass are not refusals: the worker sends those again.
+    # Errors that pass: the worker sends those again.
     for error in (redis.exceptions.OutOfMemoryError("command not allowed when used memory > "
                                                     "'maxmemory'."),
                   redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
                   redis.exceptions.ClusterDownError("The cluster is down"),
-                  redis.ResponseError("BUSY Redis is busy running a script.")):
-        assert not protocol.is_settle_refusal(error)
+                  redis.exceptions.TryAgainError("Multiple keys request during rehashing"),
+                  redis.ResponseError("BUSY Redis is busy running a script."),
+                  redis.ResponseError("NOREPLICAS Not enough good replicas to write."),
+                  redis.ResponseError("ERR Error running script (call to f_0): @user_script:1:"
+                                      " @user_script: 1: -OOM command not allowed")):
+        assert protocol.is_temporary_error(error), error
+    # Refusals that sending again cannot mend: the results go back to the queue instead.
+    for error in (redis.exceptions.NoPermissionError("this user has no permissions to run the "
+                                                     "'zadd' command"),
+                  redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind "
+                                      "of value")):
+        assert not protocol.is_temporary_error(error), error
 
 
 def test_settle_under_maxmemory_writes_nothing_and_applies_once_memory_is_back(
@@ -856,7 +867,7 @@ def test_settle_under_maxmemory_writes_nothing_and_applies_once_memory_is_back(
         settlement.retry(taken[1], taken[1], time.time() + 60)
         with pytest.raises(redis.exceptions.OutOfMemoryError) as caught:
             queue.settle(processing, settlement)
-        assert not protocol.is_settle_refusal(caught.value)
+        assert protocol.is_temporary_error(caught.value)
         assert client.lrange(processing, 0, -1) == list(reversed(taken))
         assert client.zcard(queue.keys.retry) == 0
         client.config_set("maxmemory", 0)

@@ -953,13 +953,13 @@ def test_redis_hanging_does_not_freeze_the_supervisor_loop(pool_ini, make_redis_
         term_sent = time.monotonic()
         # Without a cap per tick, three requeues of 10 s each held TERM back ~30 s.
         while "SIGTERM received: draining" not in pool.log():
-            assert time.monotonic() - term_sent < 5, pool.log()
+            assert time.monotonic() - term_sent < 7, pool.log()  # headroom for a busy CI
             receive(0.1)
         receive(2.0)
         gaps = [later - earlier for earlier, later in zip(pings, pings[1:], strict=False)]
         # systemd's WatchdogSec=30 would abort a loop silent for half of that; 10 s of a dead
-        # Redis see a ping every tick of at most one 2 s timeout.
-        assert len(pings) >= 5 and max(gaps) < 4.5, (gaps, pool.log())
+        # Redis see a ping every tick of at most one 2 s timeout (plus forks on a busy CI).
+        assert len(pings) >= 4 and max(gaps) < 7, (gaps, pool.log())
         pool.workers()
         os.kill(server.process.pid, signal.SIGCONT)
         stopped = False
@@ -1105,19 +1105,24 @@ def test_orphan_lists_are_those_not_of_our_live_workers(pool_ini, redis_client, 
         redis_client.lpush(other, json.dumps(new_task("t", {}, id="not-ours")))
         still_running = f"{PREFIX}:processing:host-workerpool:1-{draining.pid}"
         redis_client.lpush(still_running, json.dumps(new_task("t", {}, id="draining")))
+        # The same pid under another worker number: not that worker, an orphan.
+        wrong_number = f"{PREFIX}:processing:host-workerpool:2-{draining.pid}"
+        redis_client.lpush(wrong_number, json.dumps(new_task("t", {}, id="renumbered")))
         wait_for(lambda: f"[{QUEUE}]".encode() in open(f"/proc/{draining.pid}/cmdline",
                                                        "rb").read(), 10)
         pool = start_pool(pool_ini(workers=1))
         wait_running(pool, 1)
-        wait_for(lambda: ids_of(redis_client, "test:done") == ["orphan"], 10)
+        orphans = {"orphan", "renumbered"}
+        wait_for(lambda: set(ids_of(redis_client, "test:done")) == orphans, 10)
         assert redis_client.llen(other) == 1
-        assert "requeued 1 task(s) of dead process" in pool.log()
+        assert pool.log().count("requeued 1 task(s) of dead process") == 2
         time.sleep(5.5)  # past the next periodic sweep
-        assert redis_client.llen(other) == 1 and ids_of(redis_client, "test:done") == ["orphan"]
+        assert redis_client.llen(other) == 1
+        assert sorted(ids_of(redis_client, "test:done")) == sorted(orphans)
         assert redis_client.llen(still_running) == 1
         draining.kill()
         draining.wait(5)
-        wait_for(lambda: ids_of(redis_client, "test:done") == ["orphan", "draining"], 10)
+        wait_for(lambda: set(ids_of(redis_client, "test:done")) == {*orphans, "draining"}, 10)
         os.kill(pool.pid, signal.SIGTERM)
         assert pool.wait(15) == 0
     finally:
@@ -1155,3 +1160,77 @@ def test_reaper_kills_only_a_pid_that_is_still_the_process_it_was_given(reaper):
     finally:
         process.kill()
         process.wait(5)
+
+
+def _in_process_supervisor(tmp_path, redis_url, **settings):
+    """A Supervisor object driven by hand: no fork, no signals (pure bookkeeping tests)."""
+    from workerpool.config import load_config
+    from workerpool.supervisor import Supervisor
+
+    overrides = {"pidfile": str(tmp_path / "wp.pid"), "redis_url": redis_url,
+                 "host_id": "h", **settings}
+    config = load_config(None, search=False, environ={}, overrides=overrides)
+    return Supervisor(config, handler=lambda task: None)
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_results_of_a_dead_worker_wait_until_redis_tells_whether_they_were_written(
+        tmp_path, redis_url, redis_client, written):
+    from workerpool.supervisor import WorkerProcess
+
+    supervisor = _in_process_supervisor(tmp_path, redis_url, max_tasks="10")
+    scoreboard = supervisor.scoreboard
+    try:
+        # Slot 0 reserved 4 tasks and died while writing the results of 3 of them.
+        scoreboard.claim_slot(0, 4711, 0)
+        assert scoreboard.reserve(0, 4) == 4
+        scoreboard.set(0, "settle_token", 0xABC)
+        scoreboard.set(0, "settling", 3)
+        worker = WorkerProcess(0, 4711, time.monotonic())
+        supervisor._redis_failed_this_tick = True  # Redis cannot be asked in this tick
+        kept = supervisor._count_last_settlement(worker)
+        scoreboard.reclaim(0, keep=kept)
+        assert kept == 3 and scoreboard.totals() == (3, 0, 10)  # the 3 stay taken meanwhile
+        key = supervisor.queue.keys.processing("h", worker.list_id)
+        if written:
+            redis_client.set(supervisor.queue.keys.settled(key), "abc")
+        supervisor._redis_failed_this_tick = False
+        supervisor._resolve_settlements()
+        assert scoreboard.totals() == ((3, 3, 10) if written else (0, 0, 10))
+        assert supervisor.unresolved_settlements == {}
+    finally:
+        supervisor._client.close()
+
+
+def test_at_stop_refused_requeues_are_retried_or_left_to_the_other_hosts(
+        tmp_path, redis_url, redis_client, monkeypatch):
+    import redis as redis_module
+
+    from workerpool import supervisor as supervisor_module
+    from workerpool.protocol import new_task
+
+    monkeypatch.setattr(supervisor_module, "SHUTDOWN_REDIS_GRACE", 1.0)
+    for redis_comes_back in (True, False):
+        redis_client.flushall()
+        supervisor = _in_process_supervisor(tmp_path, redis_url)
+        queue = supervisor.queue
+        queue.heartbeat("h", b"{}", ttl=60)
+        key = queue.keys.processing("h", "1-4711")
+        redis_client.lpush(key, json.dumps(new_task("t", {}, id="left")))
+        supervisor.requeue_later = {key: True}  # refused while the workers exited
+        real_requeue, calls = queue.requeue, []
+
+        def requeue(*args, _comes_back=redis_comes_back, _real=real_requeue, _calls=calls):
+            _calls.append(args)
+            if len(_calls) == 1 or not _comes_back:
+                raise redis_module.ConnectionError("redis is away")
+            return _real(*args)
+
+        monkeypatch.setattr(queue, "requeue", requeue)
+        supervisor._shutdown()
+        if redis_comes_back:  # retried at stop: back in the queue, the host forgotten
+            assert len(calls) == 2 and redis_client.llen(QUEUE) == 1
+            assert redis_client.zscore(queue.keys.hosts, "h") is None
+        else:  # the host stays in {T}:hosts, so another host requeues it after host_timeout
+            assert len(calls) >= 2 and redis_client.llen(key) == 1
+            assert redis_client.zscore(queue.keys.hosts, "h") is not None

@@ -663,20 +663,24 @@ def test_results_refused_for_lack_of_memory_are_written_later(make_redis_server,
 
 
 def test_a_busy_worker_blocked_in_its_take_does_not_run_a_suspect(config, start_worker,
-                                                                  redis_client):
+                                                                  redis_client, tmp_path):
     """A task whose worker died is a suspect, to run alone. A busy worker waiting in BLMOVE
     on an empty queue receives one like any task: it gives it back and takes it when idle."""
     queue = SyncQueue(redis_client, Q)
-    worker = start_worker(config(handler="sample_handlers:slow", concurrency=2, interval=5))
-    wait_for(lambda: "starting worker" in worker.output(), timeout=15)
-    queue.enqueue_many(tasks(["long"], seconds=1.5))
-    wait_for(lambda: redis_client.lrange("test:started", 0, -1) == [b"long"], timeout=10)
-    time.sleep(0.2)  # busy, and blocked in its take on the empty queue
-    [suspect] = tasks(["suspect"], seconds=0)
+    gate = tmp_path / "gate"
+    worker = start_worker(config(handler="sample_handlers:gated", concurrency=2, interval=5))
+    queue.enqueue_many(tasks(["long"], gate=str(gate)))
+    wait_for(lambda: redis_client.lrange("test:started", 0, -1) == [b"long"], timeout=15)
+    # Busy with "long", and blocked in its take on the empty queue:
+    wait_for(lambda: any(client.get("cmd") == "blmove" for client in redis_client.client_list()),
+             timeout=10)
+    [suspect] = tasks(["suspect"], gate=str(gate))
     redis_client.hset(KEYS.deliveries, suspect, 1)  # as REQUEUE leaves a dead worker's task
     redis_client.rpush(Q, suspect)  # at the consuming end, as REQUEUE gives it back
-    time.sleep(0.5)
+    wait_for(lambda: "waits until this worker is idle" in worker.output(), timeout=10)
     assert redis_client.lrange("test:started", 0, -1) == [b"long"], "the suspect ran beside"
+    assert redis_client.lrange(Q, 0, -1) == [suspect]  # given back, still a suspect
+    gate.touch()
     wait_for(lambda: done(redis_client) == ["long", "suspect"], timeout=10)
     assert redis_client.lrange("test:started", 0, -1) == [b"long", b"suspect"]  # once each
     assert queue.counts() == EMPTY

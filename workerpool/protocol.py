@@ -12,11 +12,14 @@ import base64
 import json
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from redis import exceptions as redis_errors
 
 from workerpool.connection import push_and_wait, push_and_wait_async
 
@@ -754,10 +757,22 @@ class AsyncQueue(_Base):
 TAKEN, SUSPECT, WAIT_IDLE = 0, 1, 2  # the flag of a take (see the TAKE script)
 
 
-def is_settle_refusal(error: Exception) -> bool:
-    """True if SETTLE refused a malformed call (sending it again cannot help); any other error
-    reply - OOM, READONLY, CLUSTERDOWN, TRYAGAIN, MASTERDOWN, BUSY, LOADING - passes."""
-    return str(error).startswith(SETTLE_REFUSED + " ")
+# Error replies of a server that is busy, short of memory, failing over or syncing: the same
+# call succeeds later. Matched in the message too: older servers wrap a script's error in
+# "ERR Error running script ...: -OOM ...".
+_TEMPORARY_ERROR = re.compile(
+    r"\b(OOM|READONLY|LOADING|BUSY|TRYAGAIN|CLUSTERDOWN|MASTERDOWN|NOREPLICAS)\b")
+
+
+def is_temporary_error(error: Exception) -> bool:
+    """True for an error reply that passes (OOM, READONLY, CLUSTERDOWN, TRYAGAIN, MASTERDOWN,
+    BUSY, LOADING, NOREPLICAS); False for a refusal that sending again cannot mend (SETTLE's
+    own REFUSED, NOPERM, WRONGTYPE, a script error)."""
+    if isinstance(error, (redis_errors.OutOfMemoryError, redis_errors.ReadOnlyError,
+                          redis_errors.TryAgainError, redis_errors.ClusterDownError)):
+        return True
+    code = getattr(error, "status_code", None) or ""
+    return bool(_TEMPORARY_ERROR.search(f"{code} {error}"))
 
 
 def _take_reply(reply: list[Any]) -> tuple[list[bytes], int]:

@@ -178,15 +178,24 @@ class Scoreboard:
         self.add(index, "processed", settling)
         return settling
 
-    def reclaim(self, index: int) -> int:
-        """Return the slots a dead worker held to the global budget; returns how many."""
+    def reclaim(self, index: int, keep: int = 0) -> int:
+        """Return the slots a dead worker held to the global budget but `keep` of them (they
+        wait for resolve_kept()); returns how many went back."""
         with self._locked():
             holding = self.get(index, "holding")
-            if holding and self.max_tasks:
+            returned = max(0, holding - keep)
+            if returned and self.max_tasks:
                 taken = struct.unpack_from("<q", self._memory, 0)[0]
-                struct.pack_into("<q", self._memory, 0, taken - holding)
+                struct.pack_into("<q", self._memory, 0, taken - returned)
             self.set(index, "holding", 0)
-        return holding
+        return returned
+
+    def resolve_kept(self, count: int, finished: bool) -> None:
+        """Settle slots reclaim() kept: their tasks finished, or they go back to the budget."""
+        with self._locked():
+            offset = 8 if finished else 0
+            value = struct.unpack_from("<q", self._memory, offset)[0]
+            struct.pack_into("<q", self._memory, offset, value + (count if finished else -count))
 
     # --- slots
 

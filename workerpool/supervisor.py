@@ -48,6 +48,9 @@ ORPHAN_SWEEP_PERIOD = 5.0
 # workers and the systemd watchdog, and makes at most one failing call per tick.
 SUPERVISOR_REDIS_TIMEOUT = 2.0
 THROUGHPUT_WINDOW = 60  # seconds over which `status` and `stats` report tasks per second
+# At stop, how long to keep trying requeues (and settlement checks) Redis refused meanwhile.
+SHUTDOWN_REDIS_GRACE = 5.0
+_UNKNOWN = object()  # Redis could not be asked
 
 _SIGNAL_NAMES = {getattr(signal, name): name for name in dir(signal)
                  if name.startswith("SIG") and not name.startswith("SIG_")}
@@ -110,6 +113,8 @@ class Supervisor:
         self.processed_by_exited = 0  # tasks finished by workers whose slot was cleared
         self.exited_metrics = MetricsSnapshot()  # counters of workers whose slot was cleared
         self.requeue_later: dict[str, bool] = {}  # processing key -> count_delivery
+        # processing key of a dead worker -> (token, count) of the results it was writing
+        self.unresolved_settlements: dict[str, tuple[int, int]] = {}
         self.metrics_server: MetricsServer | None = None
         self.throughput_samples: collections.deque[tuple[float, int]] = collections.deque(
             maxlen=THROUGHPUT_WINDOW + 5)
@@ -251,10 +256,24 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         sdnotify.notify("STOPPING=1")
-        try:
-            self.queue.forget_host(self.host)
-        except RedisError:
-            pass
+        deadline = time.monotonic() + SHUTDOWN_REDIS_GRACE
+        while self.requeue_later or self.unresolved_settlements:
+            self._redis_failed_this_tick = False
+            self._retry_deferred()
+            if time.monotonic() >= deadline or not self._redis_failed_this_tick:
+                break
+            time.sleep(0.5)
+        if self.requeue_later:
+            # Keep this host in {T}:hosts: once its heartbeat is older than host_timeout,
+            # another host requeues these lists (or this one, at its next start).
+            log.error("redis unavailable: %d processing list(s) not requeued; another host "
+                      "takes them after host_timeout, or this one at its next start",
+                      len(self.requeue_later))
+        else:
+            try:
+                self.queue.forget_host(self.host)
+            except RedisError:
+                pass
         if self.status_file:
             try:
                 os.unlink(self.status_file)
@@ -430,8 +449,8 @@ class Supervisor:
         # our doing counts as a delivery of each task it held (poison-pill detection).
         count = not clean and not killed_by_us and not stopped_while_starting
         self._requeue_list(worker, count_delivery=count)
-        self._count_last_settlement(worker)
-        self.scoreboard.reclaim(worker.slot)
+        kept = self._count_last_settlement(worker)
+        self.scoreboard.reclaim(worker.slot, keep=kept)
         self.processed_by_exited += self.scoreboard.get(worker.slot, "processed")
         self.exited_metrics.add(*self.scoreboard.read_metrics(worker.slot))
         self.scoreboard.clear_slot(worker.slot)
@@ -461,27 +480,51 @@ class Supervisor:
                             f"(crash_limit {self.config.crash_limit})")
         log.info("restarting worker %s in %.1fs", worker.name, backoff)
 
-    def _count_last_settlement(self, worker: WorkerProcess) -> None:
+    def _count_last_settlement(self, worker: WorkerProcess) -> int:
         """A worker that died while writing results may have had them applied: if so they
         count as finished, else reclaim() would hand their slots out again (max_tasks
-        exceeded by up to one batch)."""
-        if not self.scoreboard.get(worker.slot, "settling"):
-            return
-        applied = None
-        if not self._redis_failed_this_tick:
-            key = self.queue.keys.processing(self.host, worker.list_id)
-            try:
-                applied = self.queue.last_settlement(key)
-            except RedisError:
-                self._redis_failed_this_tick = True
-        if applied is None and self._redis_failed_this_tick:
-            log.warning("worker %s died while writing %d result(s) and redis cannot tell "
-                        "whether they were written: max_tasks may be exceeded by as many",
-                        worker.name, self.scoreboard.get(worker.slot, "settling"))
+        exceeded by up to one batch). Returns how many slots must wait until Redis tells."""
+        settling = int(self.scoreboard.get(worker.slot, "settling"))
+        if not settling or not self.scoreboard.max_tasks:
+            return 0
+        key = self.queue.keys.processing(self.host, worker.list_id)
+        applied = self._last_settlement(key)
+        if applied is _UNKNOWN:
+            token = int(self.scoreboard.get(worker.slot, "settle_token"))
+            self.unresolved_settlements[key] = (token, settling)
+            log.warning("worker %s died while writing %d result(s); they are counted toward "
+                        "max_tasks once redis tells whether they were written", worker.name,
+                        settling)
+            return settling
         counted = self.scoreboard.finish_settlement(worker.slot, applied)
         if counted:
             log.info("worker %s died after its last %d result(s) were written: counted",
                      worker.name, counted)
+        return 0
+
+    def _last_settlement(self, key: str) -> Any:
+        """The last settlement token applied to a processing list, None, or _UNKNOWN."""
+        if self._redis_failed_this_tick:
+            return _UNKNOWN
+        try:
+            return self.queue.last_settlement(key)
+        except RedisError:
+            self._redis_failed_this_tick = True
+            return _UNKNOWN
+
+    def _resolve_settlements(self) -> None:
+        """Count (or give back) the slots of dead workers' settlements Redis could not judge."""
+        for key, (token, count) in list(self.unresolved_settlements.items()):
+            applied = self._last_settlement(key)
+            if applied is _UNKNOWN:
+                return
+            del self.unresolved_settlements[key]
+            written = applied == token
+            self.scoreboard.resolve_kept(count, finished=written)
+            if written:
+                self.processed_by_exited += count
+            log.info("%d result(s) of a dead worker (%s) were %s", count, key,
+                     "written: counted" if written else "not written: their tasks run again")
 
     def _requeue_list(self, worker: WorkerProcess, *, count_delivery: bool) -> None:
         key = self.queue.keys.processing(self.host, worker.list_id)
@@ -626,8 +669,7 @@ class Supervisor:
         now = time.time()
         self.throughput_samples.append((time.monotonic(), self._processed_total()))
         status = self.status()
-        for key, count_delivery in list(self.requeue_later.items()):
-            self._requeue_key(key, count_delivery, key)
+        self._retry_deferred()
         if not self._redis_failed_this_tick:
             self._redis_maintenance(now, status)
         self._write_status(status)
@@ -637,6 +679,12 @@ class Supervisor:
         if self._watchdog is not None:
             sdnotify.notify("WATCHDOG=1")
 
+    def _retry_deferred(self) -> None:
+        """Requeues and settlement checks that Redis refused earlier."""
+        for key, count_delivery in list(self.requeue_later.items()):
+            self._requeue_key(key, count_delivery, key)
+        self._resolve_settlements()
+
     def _redis_maintenance(self, now: float, status: dict[str, Any]) -> None:
         try:
             self.queue.move_due_retries(now)
@@ -645,7 +693,8 @@ class Supervisor:
             if time.monotonic() >= self._next_orphan_sweep:
                 self._next_orphan_sweep = time.monotonic() + ORPHAN_SWEEP_PERIOD
                 self._sweep_orphans()
-                self._requeue_silent_hosts()
+                if not self._redis_failed_this_tick:
+                    self._requeue_silent_hosts()
             if self._redis_error_logged:
                 log.warning("redis reachable again")
                 self._redis_error_logged = False
@@ -661,6 +710,7 @@ class Supervisor:
         try:
             keys = self.queue.processing_lists(self.host)
         except RedisError as exc:
+            self._redis_failed_this_tick = True
             log.error("redis unavailable at %s: %s", describe(self.config), exc)
             return
         live = {w.list_id for w in self.workers.values()}
@@ -788,17 +838,18 @@ def supervisor_client(config: Config) -> Any:
 
 
 def _worker_still_running(list_id: str, redis_key: str) -> bool:
-    """Whether the pid in a list's name is still a workerpool worker of this queue.
+    """Whether the pid in a list's name is still the workerpool worker the name says.
 
-    After a reboot with the same host_id the pid may belong to an unrelated process, so being
-    alive is not enough: the process title must say it is a worker of this queue."""
-    pid = list_id.rpartition("-")[2]
+    After a reboot with the same host_id the pid may belong to an unrelated process (or to
+    another worker), so being alive is not enough: the process title must name the same
+    worker number and queue."""
+    name, _, pid = list_id.partition("-")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             title = handle.read().decode(errors="replace")
     except OSError:
         return False
-    return title.startswith("workerpool: worker ") and f" [{redis_key}] " in title
+    return title.startswith(f"workerpool: worker {name} [{redis_key}] ")
 
 
 def _is_worker_list(list_id: str) -> bool:

@@ -315,6 +315,8 @@ class Worker:
                         # BLMOVE cannot refuse a suspect to a busy worker as TAKE does: give
                         # it back to be taken alone by an idle worker (this one, later).
                         await queue.give_back(key, raw)
+                        log.info("a task whose worker died waits until this worker is idle: "
+                                 "it runs alone")
                         flag = protocol.WAIT_IDLE
                     elif raw is not None:
                         items = [raw]
@@ -652,17 +654,19 @@ class Worker:
                     await self.queue.settle(self.processing_key, settlement)
                     break
                 except ResponseError as exc:
-                    if not protocol.is_settle_refusal(exc):
-                        # A temporary refusal (OOM, READONLY, CLUSTERDOWN, TRYAGAIN, BUSY...):
-                        # keep the results and send the same call again (its token makes that
-                        # safe). Dropping them would rerun finished tasks.
+                    if protocol.is_temporary_error(exc):
+                        # OOM, READONLY, CLUSTERDOWN, TRYAGAIN, BUSY...: keep the results and
+                        # send the same call again (its token makes that safe). Dropping them
+                        # would rerun finished tasks.
                         self._connection_lost(exc, backoff)
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, RECONNECT_MAX)
                         continue
-                    # SETTLE refused a malformed call before writing anything: sending it
-                    # again cannot help. None of these tasks finished: the next reconcile
-                    # gives them back to the queue, and their slots go back to the budget.
+                    # Refused for good: a malformed call (SETTLE's REFUSED, before any write)
+                    # or a permanent error (NOPERM, WRONGTYPE: a misconfigured server, maybe
+                    # after some writes). Sending it again cannot help. The next reconcile
+                    # gives back what is still in the processing list (it runs again), and
+                    # the slots go back to the budget.
                     log.error("redis refused %d result(s) (%s); they go back to the queue",
                               len(settlement), exc)
                     self._needs_reconcile = True
