@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
+from conftest import children
 
 TESTS = str(Path(__file__).resolve().parent)
 PROJECT = str(Path(TESTS).parent)
@@ -605,28 +606,13 @@ class Pool:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            for pid in _children(self.process.pid) | {self.process.pid}:
+            for pid in children(self.process.pid) | {self.process.pid}:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             self.process.wait(timeout=10)
         self._log.close()
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
 
 
 # --- the load and its accounting

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis_topologies as rt
+from conftest import children
 
 from workerpool.config import ConfigError, load_config
 from workerpool.connection import async_client, sync_client
@@ -372,7 +373,7 @@ def test_passwords_never_show_in_ps_status_logs_or_errors(acl_server, clean, tmp
 
 
 def _pool_pids(pool: rt.Pool, count: int) -> list[int] | None:
-    pids = [pool.pid, *rt._children(pool.pid)]
+    pids = [pool.pid, *children(pool.pid)]
     return pids if len(pids) >= count else None
 
 
