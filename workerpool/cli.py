@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from redis.exceptions import RedisError
+from setproctitle import setproctitle  # a hard dependency: titles hide passwords
 
 from workerpool import daemon, embedded
 from workerpool.config import (
@@ -29,13 +30,6 @@ from workerpool.config import (
 from workerpool.connection import redis_url, sync_client
 from workerpool.logs import setup_logging
 from workerpool.protocol import SyncQueue, new_task
-
-try:
-    from setproctitle import setproctitle
-except ImportError:  # pragma: no cover - a hard dependency, but titles are cosmetic
-
-    def setproctitle(title: str) -> None:
-        return None
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # How much longer than drain_timeout `stop` waits by default: the supervisor gives workers

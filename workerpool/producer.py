@@ -6,7 +6,8 @@
     task_id = await workerpool.enqueue_async("email", {...})
 
 Connections come from the same config as the pool (file, WORKERPOOL_* environment), or from
-`redis_url=` / `redis_key=` / `config=` given here; one client per process is kept and reused.
+`redis_url=` / `redis_key=` / `config=` given here. The config is read at the first call and
+one client per config and process is kept and reused; close() forgets both.
 """
 
 from __future__ import annotations

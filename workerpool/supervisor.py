@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
+from setproctitle import setproctitle
 
 from workerpool import sdnotify
 from workerpool.config import Config, ConfigError, load_handler, mask_url
@@ -33,7 +34,7 @@ from workerpool.logs import set_process_name
 from workerpool.metrics import MetricsServer, MetricsSnapshot
 from workerpool.protocol import SyncQueue
 from workerpool.scoreboard import DRAINING, STARTING, Scoreboard
-from workerpool.worker import run_worker, setproctitle
+from workerpool.worker import run_worker
 
 log = logging.getLogger("workerpool.supervisor")
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
+from setproctitle import setproctitle  # a hard dependency: titles hide passwords
 
 from workerpool import protocol
 from workerpool.config import Config, ConfigError, load_config, load_handler
@@ -61,13 +62,6 @@ HOUSEKEEPING_PERIOD = 1.0
 # How long a worker keeps trying to write its last results before it gives up on Redis
 # (what it could not write stays in its processing list and is requeued).
 FINAL_FLUSH_TIMEOUT = 10.0
-
-try:
-    from setproctitle import setproctitle
-except ImportError:  # pragma: no cover - a hard dependency, but titles are cosmetic
-
-    def setproctitle(title: str) -> None:
-        return None
 
 
 def _is_async(handler: Callable[..., Any]) -> bool:
