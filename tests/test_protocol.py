@@ -877,3 +877,29 @@ def test_settle_under_maxmemory_writes_nothing_and_applies_once_memory_is_back(
         assert client.zcard(queue.keys.retry) == 1
     finally:
         client.close()
+
+
+def test_settle_denied_a_command_midway_leaves_the_task_held_not_lost(make_redis_server):
+    """A server whose ACL lacks ZADD refuses the retry of a settlement after the script has
+    begun writing: the task must still be in its processing list (to run again)."""
+    server = make_redis_server()
+    admin = server.client()
+    admin.acl_setuser("lacking", enabled=True, passwords=["+pw"], keys=["*"],
+                      commands=["+@all", "-zadd"])
+    client = redis.Redis(port=server.port, username="lacking", password="pw")
+    try:
+        queue = SyncQueue(client, Q)
+        processing = queue.keys.processing(HOST, "w1")
+        queue.enqueue_many(raws("acked", "retried"))
+        acked, retried = queue.take(processing, 2)
+        settlement = Settlement()
+        settlement.ack(acked)
+        settlement.retry(retried, retried, time.time() + 60)
+        with pytest.raises(redis.ResponseError) as caught:  # NOPERM, or 7.0's wording
+            queue.settle(processing, settlement)
+        assert not protocol.is_temporary_error(caught.value)
+        assert admin.lrange(processing, 0, -1) == [retried]  # held: requeued later, runs again
+        assert admin.zcard(queue.keys.retry) == 0
+    finally:
+        client.close()
+        admin.close()

@@ -268,12 +268,20 @@ for i = 4, acks + 3 do
   if track then redis.call('HDEL', KEYS[4], ARGV[i]) end
 end
 for i = first, #ARGV, 4 do
-  local raw = ARGV[i + 1]
-  if redis.call('LREM', KEYS[1], -1, raw) == 1 then
+  local raw, member = ARGV[i + 1], ARGV[i + 2]
+  -- The destination first: an error reply there (NOPERM from an ACL lacking a command)
+  -- stops the script with the task still in its processing list, to run again, not lost.
+  if ARGV[i] == 'r' then
+    redis.call('ZADD', KEYS[2], ARGV[i + 3], member)
+  else
+    redis.call('LPUSH', KEYS[3], member)
+  end
+  if redis.call('LREM', KEYS[1], -1, raw) == 0 then
+    -- No longer held (requeued meanwhile): not ours to settle.
     if ARGV[i] == 'r' then
-      redis.call('ZADD', KEYS[2], ARGV[i + 3], ARGV[i + 2])
+      redis.call('ZREM', KEYS[2], member)
     else
-      redis.call('LPUSH', KEYS[3], ARGV[i + 2])
+      redis.call('LREM', KEYS[3], 1, member)
     end
   end
   if track then redis.call('HDEL', KEYS[4], raw) end
